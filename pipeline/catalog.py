@@ -1,0 +1,369 @@
+"""The DuckDB catalog: what was planned, run and written, in one file per run directory.
+
+DuckDB lets one process hold a database file for writing at a time, so every access here is
+a short transaction on a connection that is opened, used and closed at once. A process that
+finds the file locked retries with jittered backoff for up to `run.catalog_timeout_s`. Units
+do their heavy work without holding the catalog, so many `fsr-pipe stage X --shard N`
+processes on one machine interleave their few catalog writes and all get recorded.
+See docs/resume.md for the whole design.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+CATALOG_FILE = "catalog.duckdb"
+
+
+class CatalogBusy(RuntimeError):
+    """The catalog stayed locked by other processes for longer than the timeout."""
+
+
+@dataclass(frozen=True)
+class UnitRow:
+    stage: str
+    key: str
+    fingerprint: str
+    status: str
+    params: dict[str, Any]
+    host: str | None = None
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    kind: str
+    path: str
+    rows: int | None
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    item_kind: str
+    item_id: int | None
+    path: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    name: str
+    value: float
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """A catalog view over the Parquet files of one artifact kind of a stage's current plan."""
+
+    name: str
+    stage: str
+    kind: str
+    # Column list used when no file exists yet, so the view always binds.
+    empty_columns: str
+
+
+def _read_sql(name: str) -> str:
+    return resources.files("catalogs").joinpath(name).read_text()
+
+
+def _is_lock_error(exc: duckdb.Error) -> bool:
+    text = str(exc)
+    return "lock" in text.lower() and ("Conflicting" in text or "Could not set" in text)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sql_string(text: str) -> str:
+    # DDL (CREATE VIEW) cannot take `?` parameters, so file paths are quoted here.
+    return "'" + text.replace("'", "''") + "'"
+
+
+class Catalog:
+    """Access to `<work_dir>/catalog.duckdb` through short, retried transactions."""
+
+    def __init__(self, path: str | Path, timeout_s: float = 300.0) -> None:
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+        self.host = socket.gethostname()
+
+    @classmethod
+    def in_dir(cls, work_dir: str | Path, timeout_s: float = 300.0) -> Catalog:
+        return cls(Path(work_dir) / CATALOG_FILE, timeout_s)
+
+    # -- connections -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection held only for the `with` block; waits while another process holds it."""
+        if read_only and not self.path.exists():
+            raise FileNotFoundError(
+                f"no catalog at {self.path}; run `fsr-pipe run all` first (or check run.work_dir)"
+            )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.01
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                break
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise CatalogBusy(
+                        f"catalog {self.path} stayed locked for {self.timeout_s:.0f}s by another "
+                        "process; wait for it or raise run.catalog_timeout_s"
+                    ) from exc
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] = (), read_only: bool = True) -> Any:
+        """Run one statement; returns a pyarrow Table of the result."""
+        with self.connect(read_only=read_only) as con:
+            return con.execute(sql, list(params)).fetch_arrow_table()
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.connect(read_only=self.path.exists()) as con:
+            return con.execute(sql, list(params)).fetchall()
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def init(self) -> None:
+        """Create tables and views if missing (idempotent); refuse a newer schema."""
+        with self.transaction() as con:
+            con.execute(_read_sql("schema.sql"))
+            found = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+            if found is None:
+                con.execute(
+                    "INSERT INTO schema_version VALUES (?, current_timestamp)", [SCHEMA_VERSION]
+                )
+            elif found > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"catalog {self.path} has schema v{found}, newer than this fsr-pipe "
+                    f"(v{SCHEMA_VERSION}); upgrade fsr-pipe or use another run.work_dir"
+                )
+            con.execute(_read_sql("views.sql"))
+
+    # -- plans -------------------------------------------------------------------------------
+
+    def current_fingerprint(self, stage: str) -> str | None:
+        rows = self.rows("SELECT fingerprint FROM stages WHERE stage = ?", [stage])
+        return rows[0][0] if rows else None
+
+    def units(self, stage: str, fingerprint: str) -> list[UnitRow]:
+        rows = self.rows(
+            "SELECT stage, unit_key, fingerprint, status, params_json, host, pid FROM units "
+            "WHERE stage = ? AND fingerprint = ? ORDER BY unit_key",
+            [stage, fingerprint],
+        )
+        return [UnitRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
+
+    def save_plan(
+        self,
+        stage: str,
+        fingerprint: str,
+        meta: dict[str, Any],
+        units: Sequence[tuple[str, dict[str, Any]]],
+    ) -> None:
+        """Make (stage, fingerprint) the current plan; its units are inserted only once."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM stages WHERE stage = ?", [stage])
+            con.execute(
+                "INSERT INTO stages VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
+                [stage, fingerprint, meta["code_version"], json.dumps(meta["config"]),
+                 json.dumps(meta["inputs"]), meta.get("notes")],
+            )
+            planned = con.execute(
+                "SELECT count(*) FROM units WHERE stage = ? AND fingerprint = ?",
+                [stage, fingerprint],
+            ).fetchone()[0]
+            if planned:  # another process planned first; the first plan stands
+                return
+            con.executemany(
+                "INSERT INTO units (stage, unit_key, fingerprint, status, params_json) "
+                "VALUES (?, ?, ?, 'pending', ?)",
+                [[stage, key, fingerprint, json.dumps(params)] for key, params in units],
+            )
+
+    # -- unit lifecycle ----------------------------------------------------------------------
+
+    def claim(self, stage: str, key: str, fingerprint: str) -> str:
+        """Mark a unit running for this process; returns 'claimed', 'done' or 'busy:<pid>'."""
+        with self.transaction() as con:
+            row = con.execute(
+                "SELECT status, host, pid FROM units "
+                "WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
+                [stage, key, fingerprint],
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"stage {stage}: no unit {key!r} in the plan")
+            status, host, pid = row
+            if status == "done":
+                return "done"
+            if status == "running" and pid != os.getpid():
+                # A running mark from a live process on this host is respected; one from a dead
+                # process (killed, crashed) is taken over. Other hosts can't be checked here.
+                if host != self.host or (pid is not None and pid_alive(pid)):
+                    return f"busy:{host}:{pid}"
+            con.execute(
+                "UPDATE units SET status = 'running', attempts = attempts + 1, host = ?, pid = ?, "
+                "started_at = current_timestamp, finished_at = NULL, error = NULL "
+                "WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
+                [self.host, os.getpid(), stage, key, fingerprint],
+            )
+            return "claimed"
+
+    def finish(
+        self,
+        stage: str,
+        key: str,
+        fingerprint: str,
+        rows: int,
+        seconds: float,
+        artifacts: Sequence[ArtifactRecord] = (),
+        failures: Sequence[FailureRecord] = (),
+        metrics: Sequence[MetricRecord] = (),
+    ) -> None:
+        """Record a unit's outputs and mark it done, all in one transaction (the last write)."""
+        ident = [stage, key, fingerprint]
+        with self.transaction() as con:
+            for table in ("artifacts", "item_failures", "metrics"):
+                # A unit redone after a crash replaces whatever an earlier attempt recorded.
+                con.execute(
+                    f"DELETE FROM {table} WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
+                    ident,
+                )
+            if artifacts:
+                con.executemany(
+                    "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, current_timestamp)",
+                    [ident + [a.kind, a.path, a.rows, a.bytes, a.sha256] for a in artifacts],
+                )
+            if failures:
+                con.executemany(
+                    "INSERT INTO item_failures VALUES (?, ?, ?, ?, ?, ?, ?, current_timestamp)",
+                    [ident + [f.item_kind, f.item_id, f.path, f.reason] for f in failures],
+                )
+            if metrics:
+                con.executemany(
+                    "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
+                    [ident + [m.name, m.value, json.dumps(m.labels, sort_keys=True)]
+                     for m in metrics],
+                )
+            con.execute(
+                "UPDATE units SET status = 'done', finished_at = current_timestamp, seconds = ?, "
+                "rows = ?, error = NULL WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
+                [seconds, rows, *ident],
+            )
+
+    def fail(self, stage: str, key: str, fingerprint: str, error: str, seconds: float) -> None:
+        with self.transaction() as con:
+            con.execute(
+                "UPDATE units SET status = 'failed', finished_at = current_timestamp, "
+                "seconds = ?, error = ? WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
+                [seconds, error[:4000], stage, key, fingerprint],
+            )
+
+    def reset(self, stages: Sequence[str]) -> None:
+        """Forget everything recorded for these stages (all fingerprints)."""
+        with self.transaction() as con:
+            for table in ("stages", "units", "artifacts", "item_failures", "metrics"):
+                con.executemany(f"DELETE FROM {table} WHERE stage = ?", [[s] for s in stages])
+
+    # -- reads used by stages ----------------------------------------------------------------
+
+    def artifact_paths(self, stage: str, fingerprint: str, kind: str,
+                       unit_key: str | None = None) -> list[str]:
+        """Files of one kind written by a stage's plan (optionally by one of its units)."""
+        rows = self.rows(
+            "SELECT path FROM artifacts WHERE stage = ? AND fingerprint = ? AND kind = ? "
+            "AND (? IS NULL OR unit_key = ?) ORDER BY unit_key, path",
+            [stage, fingerprint, kind, unit_key, unit_key],
+        )
+        return [r[0] for r in rows]
+
+    def failed_items(self, stage: str, fingerprint: str, item_kind: str) -> set[int]:
+        rows = self.rows(
+            "SELECT item_id FROM item_failures WHERE stage = ? AND fingerprint = ? "
+            "AND item_kind = ? AND item_id IS NOT NULL",
+            [stage, fingerprint, item_kind],
+        )
+        return {r[0] for r in rows}
+
+    def failure_counts(self, stage: str, fingerprint: str) -> tuple[int, int]:
+        """(bad items, good items) over the done units of a stage's plan."""
+        bad = self.rows(
+            "SELECT count(*) FROM item_failures WHERE stage = ? AND fingerprint = ?",
+            [stage, fingerprint],
+        )[0][0]
+        good = self.rows(
+            "SELECT coalesce(sum(rows), 0) FROM units "
+            "WHERE stage = ? AND fingerprint = ? AND status = 'done'",
+            [stage, fingerprint],
+        )[0][0]
+        return int(bad), int(good)
+
+    # -- views -------------------------------------------------------------------------------
+
+    def refresh_views(self, specs: Sequence[ViewSpec]) -> None:
+        """(Re)create each artifact view over the done files of its stage's current plan."""
+        with self.transaction() as con:
+            for spec in specs:
+                paths = [r[0] for r in con.execute(
+                    "SELECT a.path FROM artifacts a JOIN stages s "
+                    "ON a.stage = s.stage AND a.fingerprint = s.fingerprint "
+                    "WHERE a.stage = ? AND a.kind = ? ORDER BY a.unit_key, a.path",
+                    [spec.stage, spec.kind],
+                ).fetchall()]
+                if paths:
+                    files = "[" + ", ".join(_sql_string(p) for p in paths) + "]"
+                    body = f"SELECT * FROM read_parquet({files})"
+                else:
+                    nulls = ", ".join(
+                        f"CAST(NULL AS {col.split(maxsplit=1)[1]}) AS {col.split()[0]}"
+                        for col in spec.empty_columns.split(",")
+                    )
+                    body = f"SELECT {nulls} WHERE false"
+                con.execute(f"CREATE OR REPLACE VIEW {spec.name} AS {body}")

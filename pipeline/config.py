@@ -1,0 +1,258 @@
+"""Configuration: `pipeline.toml` -> frozen dataclasses, validated before any work starts.
+
+One section per stage plus `[run]` and `[data]` (the `ingest` stage's section). Unknown keys,
+wrong types and impossible values raise `ConfigError` naming the key and what is allowed.
+Any value can be overridden with `--set section.key=value` (the value is parsed as TOML,
+falling back to a bare string).
+
+Fields marked `fingerprint=False` (batch sizes, worker counts, devices) change how a stage
+runs, not what it computes, so they stay out of unit fingerprints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or impossible."""
+
+
+def _run_only(default: Any) -> Any:
+    """A field that changes how a stage runs, not its results (kept out of fingerprints)."""
+    return field(default=default, metadata={"fingerprint": False})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    work_dir: str = "runs/demo"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = _run_only("auto")
+    # How long a process waits for the catalog's single-writer lock before giving up.
+    catalog_timeout_s: float = _run_only(300.0)
+
+    def validate(self) -> None:
+        _check(self.seed >= 0, "run.seed", "must be >= 0")
+        _check(self.catalog_timeout_s > 0, "run.catalog_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["demo", "dsr", "folder", "manifest"] = "demo"
+    # dsr/folder: dataset root; manifest: a .parquet or .csv file. Unused for demo.
+    path: str = ""
+    # Gallery items per shard; queries follow their target photo's shard.
+    shard_size: int = 64
+    # folder/demo: fraction of items in the test split (dsr and manifest carry their split).
+    test_fraction: float = 0.2
+    # demo: number of gallery photos and their size in pixels.
+    demo_items: int = 160
+    demo_image_size: int = 128
+    # folder/demo: query styles generated for each photo (text is always added).
+    styles: tuple[str, ...] = ("sketch", "art", "lowres")
+    # Decoding guard: larger images are recorded as failures (decompression bombs).
+    max_image_pixels: int = _run_only(40_000_000)
+    # A stage fails once more than this fraction of its items are bad inputs.
+    max_failure_ratio: float = _run_only(0.05)
+    num_workers: int = _run_only(1)
+
+    def validate(self) -> None:
+        _check(self.shard_size >= 1, "data.shard_size", "must be >= 1")
+        _check(0.0 <= self.test_fraction < 1.0, "data.test_fraction", "must be in [0, 1)")
+        _check(self.demo_items >= 2, "data.demo_items", "must be >= 2")
+        _check(self.demo_image_size >= 32, "data.demo_image_size", "must be >= 32")
+        allowed = {"sketch", "art", "lowres"}
+        bad = sorted(set(self.styles) - allowed)
+        _check(not bad, "data.styles", f"unknown style(s) {bad}; allowed: {sorted(allowed)}")
+        _check(self.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1")
+        _check(0.0 <= self.max_failure_ratio <= 1.0, "data.max_failure_ratio", "must be in [0, 1]")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        needs_path = self.source in ("dsr", "folder", "manifest")
+        _check(not needs_path or bool(self.path), "data.path",
+               f"is required for source = {self.source!r} (a dataset root or manifest file)")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    # Real VGG-19 weights in the AdaIN layout (a .pth state dict); empty = seeded random init.
+    vgg_weights: str = ""
+    image_size: int = 224
+    # Spatial average-pool factor applied to relu2_1 before the Gram matrix (METHOD.md 1).
+    pool: int = 2
+    # Seeded random projection of the Gram triangle to this many dims; 0 keeps all 8256.
+    gram_dim: int = 256
+    # Gallery photos to extract besides the image queries: `cluster` needs the train split.
+    gallery: Literal["all", "train", "none"] = "train"
+    batch_size: int = _run_only(16)
+    num_workers: int = _run_only(1)
+
+    def validate(self) -> None:
+        _check(self.image_size >= 32, "extract.image_size", "must be >= 32")
+        _check(self.pool >= 1, "extract.pool", "must be >= 1")
+        _check(self.gram_dim >= 0, "extract.gram_dim", "must be >= 0 (0 = no projection)")
+        _check(self.batch_size >= 1, "extract.batch_size", "must be >= 1")
+        _check(self.num_workers >= 0, "extract.num_workers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    k: int = 4
+    niter: int = 25
+    # w = softmax(cos(g, mu) / temperature); METHOD.md 2 uses temperature 1.
+    temperature: float = 1.0
+    # K-Means trains on a seeded sample of at most this many training vectors.
+    max_train_points: int = 200_000
+
+    def validate(self) -> None:
+        _check(self.k >= 2, "cluster.k", "must be >= 2")
+        _check(self.niter >= 1, "cluster.niter", "must be >= 1")
+        _check(self.temperature > 0, "cluster.temperature", "must be > 0")
+        _check(self.max_train_points >= self.k, "cluster.max_train_points", "must be >= cluster.k")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Directory relative paths in the file are resolved against (the config file's folder).
+    base_dir: str = field(default=".", metadata={"fingerprint": False})
+
+    def resolve(self, path: str) -> Path:
+        """An absolute path for a config path value (relative ones are against base_dir)."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    @property
+    def work_dir(self) -> Path:
+        return self.resolve(self.run.work_dir)
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "base_dir")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; returns the value in its dataclass form."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: got {value!r}, allowed: {_type_name(tp)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        item_type = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got boolean {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_section(cls: type, name: str, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{name}] must be a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"[{name}] unknown key(s) {unknown}; allowed: {sorted(known)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()}
+    section = cls(**kwargs)
+    section.validate()
+    return section
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> Config:
+    """Build and validate a Config from a parsed TOML document."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
+    hints = typing.get_type_hints(Config)
+    sections = {name: _build_section(hints[name], name, raw.get(name, {})) for name in SECTIONS}
+    return Config(**sections, base_dir=str(Path(base_dir).resolve()))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split 'section.key=value' into (section, key, value); value parsed as TOML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. extract.batch_size=64")
+    dotted, raw_value = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value  # a bare word such as --set data.source=dsr
+    return section, key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `path` (None = defaults), apply `section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass --config PATH to a pipeline.toml")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        base_dir = path.resolve().parent
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"--set {text!r}: [{section}] is not a table")
+        raw[section][key] = value
+    return config_from_dict(raw, base_dir)
+
+
+def fingerprint_fields(section: Any) -> dict[str, Any]:
+    """The fields of a section that define results (excludes `fingerprint=False` fields)."""
+    return {
+        f.name: getattr(section, f.name)
+        for f in dataclasses.fields(section)
+        if f.metadata.get("fingerprint", True)
+    }
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain dict of every section (for JSON sidecars and the catalog)."""
+    return {name: dataclasses.asdict(config.section(name)) for name in SECTIONS}

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """`../shared/data` beside the checkout, or $FSR_SHARED_DATA."""
+    env = os.environ.get("FSR_SHARED_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared test data not found at {path} (set FSR_SHARED_DATA to use it)")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+TINY = """
+[run]
+work_dir = "{work_dir}"
+seed = 0
+device = "cpu"
+
+[data]
+demo_items = {items}
+shard_size = 4
+demo_image_size = 48
+
+[extract]
+image_size = 64
+gram_dim = 32
+batch_size = 8
+num_workers = 0
+
+[cluster]
+k = 4
+niter = 10
+"""
+
+
+def write_tiny_config(directory: Path, work_dir: Path, items: int = 16, extra: str = "") -> Path:
+    """A pipeline.toml for a demo run that takes seconds (tiny images, tiny Gram)."""
+    path = directory / "pipeline.toml"
+    path.write_text(TINY.format(work_dir=work_dir, items=items) + extra)
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    return write_tiny_config(tmp_path, tmp_path / "run")

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline.config import ConfigError, fingerprint_fields, load_config, parse_override
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_shipped_config_load(repo_root):
+    config = load_config(repo_root / "pipeline.toml")
+    assert config.data.source == "demo"
+    assert config.cluster.k == 4
+    assert config.work_dir == (repo_root / "runs" / "demo").resolve()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[extract]\nbatchsize = 3\n", "[extract] unknown key(s) ['batchsize']"),
+        ("[nope]\nx = 1\n", "unknown section(s) ['nope']"),
+        ("[cluster]\nk = 'four'\n", "cluster.k: expected int, got str"),
+        ("[cluster]\nk = 1\n", "cluster.k: must be >= 2"),
+        ("[cluster]\nk = true\n", "cluster.k: expected int, got boolean"),
+        ("[run]\ndevice = 'tpu'\n", "run.device: got 'tpu', allowed: one of 'auto', 'cpu', 'cuda'"),
+        ("[data]\nsource = 'dsr'\n", "data.path: is required for source = 'dsr'"),
+        ("[data]\nstyles = ['sketch', 'oil']\n", "data.styles: unknown style(s) ['oil']"),
+        ("[data]\ntest_fraction = 1.5\n", "data.test_fraction: must be in [0, 1)"),
+        ("run = 3\n", "[run] must be a table"),
+        ("[run\n", "invalid TOML"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_overrides_parse_as_toml_and_validate(tmp_path):
+    path = write(tmp_path, "[extract]\nbatch_size = 4\n")
+    config = load_config(path, ["extract.batch_size=64", "data.source=folder",
+                                "data.path=/x", "cluster.temperature=1"])
+    assert config.extract.batch_size == 64
+    assert config.data.source == "folder"
+    assert config.cluster.temperature == 1.0 and isinstance(config.cluster.temperature, float)
+    with pytest.raises(ConfigError, match="extract.batch_size: must be >= 1"):
+        load_config(path, ["extract.batch_size=0"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_override("batch_size=3")
+
+
+def test_config_is_frozen(tmp_path):
+    config = load_config(write(tmp_path, ""))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.cluster.k = 5  # type: ignore[misc]
+
+
+def test_run_only_fields_stay_out_of_fingerprints(tmp_path):
+    config = load_config(write(tmp_path, ""))
+    fields = fingerprint_fields(config.extract)
+    assert "batch_size" not in fields and "num_workers" not in fields
+    assert "gram_dim" in fields
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="not found; pass --config"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    config = load_config(write(sub, "[run]\nwork_dir = 'out'\n"))
+    assert config.work_dir == (sub / "out").resolve()
