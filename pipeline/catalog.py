@@ -163,7 +163,10 @@ class Catalog:
     def query(self, sql: str, params: Sequence[Any] = (), read_only: bool = True) -> Any:
         """Run one statement; returns a pyarrow Table of the result."""
         with self.connect(read_only=read_only) as con:
-            return con.execute(sql, list(params)).fetch_arrow_table()
+            relation = con.sql(sql, params=list(params) or None)
+            # duckdb 2 renamed Relation.arrow() to to_arrow_table().
+            to_table = getattr(relation, "to_arrow_table", None) or relation.arrow
+            return to_table()
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.connect(read_only=self.path.exists()) as con:

@@ -12,12 +12,13 @@ runs, not what it computes, so they stay out of unit fingerprints.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -60,7 +61,6 @@ class DataConfig:
     max_image_pixels: int = _run_only(40_000_000)
     # A stage fails once more than this fraction of its items are bad inputs.
     max_failure_ratio: float = _run_only(0.05)
-    num_workers: int = _run_only(1)
 
     def validate(self) -> None:
         _check(self.shard_size >= 1, "data.shard_size", "must be >= 1")
@@ -72,7 +72,6 @@ class DataConfig:
         _check(not bad, "data.styles", f"unknown style(s) {bad}; allowed: {sorted(allowed)}")
         _check(self.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1")
         _check(0.0 <= self.max_failure_ratio <= 1.0, "data.max_failure_ratio", "must be in [0, 1]")
-        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         needs_path = self.source in ("dsr", "folder", "manifest")
         _check(not needs_path or bool(self.path), "data.path",
                f"is required for source = {self.source!r} (a dataset root or manifest file)")
@@ -87,6 +86,9 @@ class ExtractConfig:
     pool: int = 2
     # Seeded random projection of the Gram triangle to this many dims; 0 keeps all 8256.
     gram_dim: int = 256
+    # Gram of mean-centred features (channel covariance, default) or the literal F F^T / hw;
+    # measured choice in pipeline/gram.py.
+    centred: bool = True
     # Gallery photos to extract besides the image queries: `cluster` needs the train split.
     gallery: Literal["all", "train", "none"] = "train"
     batch_size: int = _run_only(16)
@@ -138,7 +140,9 @@ class Config:
         return getattr(self, name)
 
 
-SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config) if f.name != "base_dir")
+SECTIONS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(Config) if f.name != "base_dir"
+)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -229,7 +233,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found; pass --config PATH to a pipeline.toml")
+            raise ConfigError(
+                f"config file {path} not found; pass --config PATH to a pipeline.toml"
+            )
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:

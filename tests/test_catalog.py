@@ -24,7 +24,8 @@ def test_newer_schema_is_refused(tmp_path):
     catalog = Catalog(tmp_path / "c.duckdb")
     catalog.init()
     with catalog.transaction() as con:
-        con.execute("INSERT INTO schema_version VALUES (?, current_timestamp)", [SCHEMA_VERSION + 1])
+        con.execute("INSERT INTO schema_version VALUES (?, current_timestamp)",
+                    [SCHEMA_VERSION + 1])
     with pytest.raises(RuntimeError, match="newer than this fsr-pipe"):
         catalog.init()
 
@@ -70,7 +71,8 @@ def _hammer(path: str, worker: int, n: int) -> None:
     catalog = Catalog(path, timeout_s=60)
     for i in range(n):
         with catalog.transaction() as con:
-            con.execute("INSERT INTO metrics VALUES ('w', ?, 'fp', 'n', ?, '{}', current_timestamp)",
+            con.execute("INSERT INTO metrics VALUES "
+                        "('w', ?, 'fp', 'n', ?, '{}', current_timestamp)",
                         [str(worker), float(i)])
 
 
