@@ -1,0 +1,22 @@
+"""Build the Gram style encoder from config: the one extract, train and embed all use.
+
+METHOD.md section 1; the normalisation choices are documented in `pipeline/gram.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import Config
+from pipeline.gram import GramEncoder
+from pipeline.models.vgg import build_vgg_encoder
+
+
+def build_gram_encoder(config: Config, device: torch.device) -> GramEncoder:
+    """VGG (real weights from `extract.vgg_weights`, else seeded random) + Gram + projection."""
+    cfg = config.extract
+    weights = config.resolve(cfg.vgg_weights) if cfg.vgg_weights else None
+    vgg = build_vgg_encoder(weights, seed=config.run.seed)
+    encoder = GramEncoder(vgg, pool=cfg.pool, dim=cfg.gram_dim, seed=config.run.seed,
+                          centred=cfg.centred)
+    return encoder.to(device).eval()
