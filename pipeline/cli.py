@@ -1,0 +1,194 @@
+"""The `fsr-pipe` command line (Typer). Thin: parsing and printing; the work is in commands.py.
+
+    fsr-pipe run all                      # every stage, resuming what is done
+    fsr-pipe run cluster                  # cluster and what it needs
+    fsr-pipe stage extract --shard 3      # exactly one unit (e.g. a Slurm array task)
+    fsr-pipe status | reset STAGE | sql "SELECT ..."
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from pipeline import commands
+from pipeline.catalog import CatalogBusy
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.data.sources import SourceError
+from pipeline.progress import console
+from pipeline.stage import PipelineError
+
+app = typer.Typer(help="fsr-pipe: style-diversified image retrieval (FreestyleRet) as a "
+                  "resumable batch pipeline.", no_args_is_help=True, add_completion=False)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="pipeline.toml to use.")]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config value: section.key=value (repeatable).")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
+
+FIRST_SQL = ("SELECT q.style, a.cluster, count(*) AS n FROM style_assignments a "
+             "JOIN queries q ON a.item_id = q.query_id GROUP BY ALL ORDER BY ALL")
+
+
+def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) -> Config:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    return load_config(config_path, overrides or [])
+
+
+def _fail(exc: Exception, code: int) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signature
+    """Turn the errors users can fix into one red line and an exit code (2 config, 1 other)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            _fail(exc, 2)
+        except (PipelineError, SourceError, CatalogBusy, FileNotFoundError) as exc:
+            _fail(exc, 1)
+
+    return wrapper
+
+
+@app.command("run")
+@_guard
+def run_cmd(
+    target: Annotated[str, typer.Argument(help="'all' or a stage name (runs what it needs too).")]
+    = "all",
+    config: ConfigOption = Path("pipeline.toml"),
+    overrides: SetOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Run the pipeline (or one stage and what it needs), skipping finished work."""
+    cfg = _setup(config, overrides, quiet)
+    reports = commands.run(cfg, [target])
+    _print_reports(reports)
+    if target in ("all", "cluster"):
+        console.print(f"\nResults in [bold]{cfg.work_dir}[/] (catalog: "
+                      f"{cfg.work_dir / 'catalog.duckdb'}). Try:\n"
+                      f"  fsr-pipe sql \"{FIRST_SQL}\"", highlight=False)
+
+
+@app.command("stage")
+@_guard
+def stage_cmd(
+    name: Annotated[str, typer.Argument(help="Stage to run (its inputs must be complete).")],
+    shard: Annotated[int | None, typer.Option(help="Run only this shard's unit.")] = None,
+    config: ConfigOption = Path("pipeline.toml"),
+    overrides: SetOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Run exactly one stage, or one shard of it (as a cluster array task would)."""
+    cfg = _setup(config, overrides, quiet)
+    _print_reports(commands.run(cfg, [name], shard=shard, with_upstream=False))
+
+
+@app.command("status")
+@_guard
+def status_cmd(config: ConfigOption = Path("pipeline.toml"), overrides: SetOption = None) -> None:
+    """Per stage: units done / pending / running / failed / stale, rows and time."""
+    cfg = _setup(config, overrides, quiet=True)
+    table = Table("stage", "fingerprint", "done", "pending", "running", "failed", "stale",
+                  "rows", "seconds", "notes", title=f"fsr-pipe status: {cfg.work_dir}")
+    for st in commands.status(cfg):
+        if not st.planned:
+            state = ["[dim]not planned[/]", "", "", "", str(st.stale or "")]
+        else:
+            state = [str(st.done), str(st.pending), str(st.running),
+                     f"[red]{st.failed}[/]" if st.failed else "0", str(st.stale or "")]
+        table.add_row(st.stage, st.fingerprint, *state, f"{st.rows:,}", f"{st.seconds:.1f}",
+                      st.notes or "")
+    typer.echo(_render(table))
+
+
+@app.command("reset")
+@_guard
+def reset_cmd(
+    name: Annotated[str, typer.Argument(help="Stage to forget (its dependants go too).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    config: ConfigOption = Path("pipeline.toml"),
+    overrides: SetOption = None,
+) -> None:
+    """Forget a stage and the stages after it, and delete their files."""
+    cfg = _setup(config, overrides, quiet=True)
+    if not yes and sys.stdin.isatty():
+        typer.confirm(f"Delete results of {name} and every stage after it in {cfg.work_dir}?",
+                      abort=True)
+    names = commands.reset(cfg, name)
+    console.print(f"reset: {', '.join(names)}")
+
+
+@app.command("sql")
+@_guard
+def sql_cmd(
+    query: Annotated[str, typer.Argument(help="SQL over the catalog tables and views.")],
+    config: ConfigOption = Path("pipeline.toml"),
+    overrides: SetOption = None,
+    max_rows: Annotated[int, typer.Option(help="Rows to print.")] = 50,
+    csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
+) -> None:
+    """Query the run's catalog (tables, views over Parquet artifacts) and print the result."""
+    cfg = _setup(config, overrides, quiet=True)
+    try:
+        result = commands.sql(cfg, query)
+    except Exception as exc:  # duckdb raises many types; show them as one line
+        if type(exc).__module__.split(".")[0] not in ("duckdb", "_duckdb"):
+            raise
+        _fail(exc, 1)
+    if csv:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(result, sys.stdout.buffer)
+        return
+    table = Table(*result.column_names)
+    for row in result.slice(0, max_rows).to_pylist():
+        table.add_row(*(_cell(v) for v in row.values()))
+    typer.echo(_render(table))
+    if len(result) > max_rows:
+        typer.echo(f"({len(result)} rows, {max_rows} shown; --max-rows to see more)")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and len(value) > 6:
+        return "[" + ", ".join(_cell(v) for v in value[:4]) + f", ... ({len(value)})]"
+    return "" if value is None else str(value)
+
+
+def _render(table: Table) -> str:
+    # Tables go to stdout (pipeable); wide enough not to wrap when stdout is a file or pipe.
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    with out.capture() as capture:
+        out.print(table)
+    return capture.get().rstrip("\n")
+
+
+def _print_reports(reports: list[commands.StageReport]) -> None:
+    ran = sum(r.ran for r in reports)
+    for r in reports:
+        console.print(f"  {r.stage:<10} {r.ran} unit(s) run, {r.skipped} already done "
+                      f"(fingerprint {r.fingerprint})", highlight=False)
+    if ran == 0:
+        console.print("Nothing to do: every unit is done for this config.")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,92 @@
+"""What the CLI commands do, as plain functions (the CLI only parses and prints)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline.catalog import Catalog
+from pipeline.config import Config
+from pipeline.progress import ProgressBoard
+from pipeline.runner import Runner, StageReport, downstream, fingerprints
+from pipeline.stage import PipelineError
+from stages import all_stages
+
+STAGE_NAMES = tuple(s.name for s in all_stages())
+
+
+def run(config: Config, targets: list[str], shard: int | None = None,
+        with_upstream: bool = True, progress: bool | None = None) -> list[StageReport]:
+    """Run stages (`all` = every stage); returns what each stage did."""
+    stages = all_stages()
+    names = [s.name for s in stages] if targets == ["all"] else targets
+    with ProgressBoard(progress) as board:
+        return Runner(config, stages, board).run(names, shard=shard, with_upstream=with_upstream)
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    fingerprint: str
+    planned: bool
+    done: int = 0
+    pending: int = 0
+    running: int = 0
+    failed: int = 0
+    stale: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    notes: str | None = None
+
+
+def status(config: Config) -> list[StageStatus]:
+    """Per stage, the state of its plan under the current config (stale = older plans)."""
+    catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
+    stages = all_stages()
+    expected = fingerprints(stages, config)
+    if not catalog.path.exists():
+        return [StageStatus(s.name, expected[s.name], False, notes=s.notes(config))
+                for s in stages]
+    counts = catalog.rows(
+        "SELECT stage, fingerprint, status, count(*), coalesce(sum(rows), 0), "
+        "coalesce(sum(seconds), 0) FROM units GROUP BY ALL"
+    )
+    result = []
+    for stage in stages:
+        st = StageStatus(stage.name, expected[stage.name], False, notes=stage.notes(config))
+        for name, fp, state, n, rows, seconds in counts:
+            if name != stage.name:
+                continue
+            if fp != st.fingerprint:
+                st.stale += n
+                continue
+            st.planned = True
+            setattr(st, state, getattr(st, state) + n)
+            st.rows += rows
+            st.seconds += seconds
+        result.append(st)
+    return result
+
+
+def reset(config: Config, stage: str) -> list[str]:
+    """Forget a stage and everything after it, and delete their files; returns their names."""
+    stages = all_stages()
+    if stage not in STAGE_NAMES:
+        raise PipelineError(f"unknown stage {stage!r}; stages: {list(STAGE_NAMES)}")
+    names = [s.name for s in downstream(stages, stage)]
+    catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
+    if catalog.path.exists():
+        catalog.reset(names)
+        catalog.init()
+        catalog.refresh_views([v for s in stages for v in s.views])
+    for name in names:
+        shutil.rmtree(config.work_dir / name, ignore_errors=True)
+    return names
+
+
+def sql(config: Config, query: str) -> pa.Table:
+    """Run a query against the run's catalog (read-only)."""
+    catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
+    return catalog.query(query)

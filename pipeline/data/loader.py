@@ -1,0 +1,70 @@
+"""Decode images in DataLoader workers; bad inputs come back as failures, not exceptions.
+
+Shared by the stages that read images (extract now, embed later) so that decoding, the
+224 px preprocessing and bad-input handling are the same everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.images import BadInput, load_rgb, to_tensor
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    item_kind: str  # gallery | query
+    item_id: int
+    path: str
+
+
+@dataclass
+class Batch:
+    items: list[ImageItem]             # decoded items, in the order of `pixels`
+    pixels: torch.Tensor | None        # (n, 3, size, size) float32 in [0, 1]
+    failures: list[tuple[ImageItem, str]]
+
+
+class ImageItems(Dataset):
+    """Items -> (item, tensor) or (item, reason) for bad inputs."""
+
+    def __init__(self, items: Sequence[ImageItem], image_size: int, max_pixels: int) -> None:
+        self.items = list(items)
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[ImageItem, torch.Tensor | str]:
+        item = self.items[index]
+        try:
+            return item, to_tensor(load_rgb(item.path, self.max_pixels), self.image_size)
+        except BadInput as exc:
+            return item, exc.reason
+
+
+def collate(samples: list[tuple[ImageItem, torch.Tensor | str]]) -> Batch:
+    good = [(item, x) for item, x in samples if isinstance(x, torch.Tensor)]
+    bad = [(item, x) for item, x in samples if isinstance(x, str)]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return Batch([item for item, _ in good], pixels, bad)
+
+
+def iter_batches(items: Sequence[ImageItem], image_size: int, max_pixels: int,
+                 batch_size: int, num_workers: int, pin_memory: bool = False) -> Iterator[Batch]:
+    """Batches in item order; decoding runs in `num_workers` processes (0 = in this one)."""
+    loader = DataLoader(
+        ImageItems(items, image_size, max_pixels),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+    )
+    yield from loader

@@ -1,0 +1,220 @@
+"""Dataset listings: which gallery photos and queries a source has (no decoding here).
+
+A listing is two Arrow tables (`GALLERY_LISTING`, `QUERY_LISTING`). Ids are stable hashes of
+keys; shards are assigned by sorted gallery key, and a query lives in its photo's shard.
+Sources (METHOD.md, Datasets):
+- demo: generated from the seed (`pipeline.data.synth`), nothing read from disk;
+- dsr: `images/ sketch/ art/ mosaic/ text/` + `train.json` / `test.json`;
+- folder: `<root>/<class>/<photo>`; generated sketch/art/low-res queries, text
+  "a photo of a <class>";
+- manifest: a Parquet or CSV file of gallery rows and query rows (docs/datasets.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.arrays import stable_id, stable_uniform
+from pipeline.config import Config
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+DSR_STYLE_DIRS = {"sketch": "sketch", "art": "art", "lowres": "mosaic"}
+
+GALLERY_LISTING = pa.schema([
+    ("image_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
+    ("class_label", pa.string()), ("shard", pa.int32()),
+    ("source", pa.string()),  # existing photo file; null when generated (demo)
+])
+QUERY_LISTING = pa.schema([
+    ("query_id", pa.int64()), ("image_id", pa.int64()), ("style", pa.string()),
+    ("split", pa.string()), ("class_label", pa.string()), ("shard", pa.int32()),
+    ("source", pa.string()),        # existing query image file
+    ("text", pa.string()),          # known caption text
+    ("caption_path", pa.string()),  # caption file to read (dsr)
+    ("generate", pa.bool_()),       # rendered from the photo by `prepare`
+])
+
+
+class SourceError(ValueError):
+    """A dataset source is missing or malformed; the message names the path."""
+
+
+@dataclass
+class ListingBuilder:
+    """Collects rows, then assigns stable ids and shards."""
+
+    shard_size: int
+    gallery: list[dict] = field(default_factory=list)
+    queries: list[dict] = field(default_factory=list)
+
+    def add_photo(self, key: str, split: str, class_label: str | None,
+                  source: str | None) -> None:
+        self.gallery.append({"key": key, "split": split, "class_label": class_label,
+                             "source": source})
+
+    def add_query(self, image_key: str, style: str, *, source: str | None = None,
+                  text: str | None = None, caption_path: str | None = None,
+                  generate: bool = False, tag: str = "") -> None:
+        self.queries.append({"image_key": image_key, "style": style, "source": source,
+                             "text": text, "caption_path": caption_path,
+                             "generate": generate, "tag": tag})
+
+    def build(self) -> tuple[pa.Table, pa.Table]:
+        photos = sorted(self.gallery, key=lambda r: r["key"])
+        by_key: dict[str, dict] = {}
+        for position, row in enumerate(photos):
+            if row["key"] in by_key:
+                raise SourceError(f"gallery key {row['key']!r} appears twice")
+            row["image_id"] = stable_id("image:" + row["key"])
+            row["shard"] = position // self.shard_size
+            by_key[row["key"]] = row
+        if len({r["image_id"] for r in photos}) != len(photos):
+            raise SourceError("two gallery keys hash to one id; rename one of them")
+        query_rows = []
+        for row in self.queries:
+            photo = by_key.get(row["image_key"])
+            if photo is None:
+                raise SourceError(f"query targets unknown gallery key {row['image_key']!r}")
+            qkey = f"{row['image_key']}|{row['style']}|{row['tag']}"
+            query_rows.append({
+                "query_id": stable_id("query:" + qkey), "image_id": photo["image_id"],
+                "style": row["style"], "split": photo["split"],
+                "class_label": photo["class_label"], "shard": photo["shard"],
+                "source": row["source"], "text": row["text"],
+                "caption_path": row["caption_path"], "generate": row["generate"],
+            })
+        if len({r["query_id"] for r in query_rows}) != len(query_rows):
+            raise SourceError("two queries share a key (same photo, style and file)")
+        gallery = pa.Table.from_pylist(photos, schema=GALLERY_LISTING)
+        queries = pa.Table.from_pylist(query_rows, schema=QUERY_LISTING)
+        return gallery, queries
+
+
+def _split(seed: int, key: str, test_fraction: float) -> str:
+    return "test" if stable_uniform(seed, "split:" + key) < test_fraction else "train"
+
+
+def list_demo(config: Config) -> ListingBuilder:
+    data = config.data
+    builder = ListingBuilder(data.shard_size)
+    for index in range(data.demo_items):
+        key = f"{index:08d}"
+        builder.add_photo(key, _split(config.run.seed, key, data.test_fraction), None, None)
+        builder.add_query(key, "text", generate=True)
+        for style in data.styles:
+            builder.add_query(key, style, generate=True)
+    return builder
+
+
+def list_dsr(config: Config) -> ListingBuilder:
+    root = config.resolve(config.data.path)
+    builder = ListingBuilder(config.data.shard_size)
+    for split in ("train", "test"):
+        listing = root / f"{split}.json"
+        if not listing.is_file():
+            raise SourceError(f"DSR listing {listing} not found (data.path = {root})")
+        try:
+            entries = json.loads(listing.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{listing}: not valid JSON ({exc})") from exc
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
+                raise SourceError(f"{listing}[{i}]: expected {{'image': ..., 'caption': ...}}")
+            name = entry["image"]
+            builder.add_photo(name, split, None, str(root / "images" / name))
+            builder.add_query(name, "text", caption_path=str(root / "text" / entry["caption"]))
+            for style, folder in DSR_STYLE_DIRS.items():
+                builder.add_query(name, style, source=str(root / folder / name))
+    return builder
+
+
+def list_folder(config: Config) -> ListingBuilder:
+    root = config.resolve(config.data.path)
+    if not root.is_dir():
+        raise SourceError(f"photo folder {root} not found (data.path)")
+    builder = ListingBuilder(config.data.shard_size)
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise SourceError(f"{root} has no class sub-folders (expected <root>/<class>/<photo>)")
+    for class_dir in classes:
+        label = class_dir.name
+        for photo in sorted(class_dir.iterdir()):
+            if photo.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            key = f"{label}/{photo.name}"
+            split = _split(config.run.seed, key, config.data.test_fraction)
+            builder.add_photo(key, split, label, str(photo))
+            builder.add_query(key, "text", text=f"a photo of a {label.replace('_', ' ')}")
+            for style in config.data.styles:
+                builder.add_query(key, style, generate=True)
+    return builder
+
+
+MANIFEST_COLUMNS = {"kind", "key", "path", "text", "style", "target", "class_label", "split"}
+
+
+def _read_manifest(path: Path) -> pa.Table:
+    if not path.is_file():
+        raise SourceError(f"manifest {path} not found (data.path)")
+    if path.suffix.lower() == ".parquet":
+        return pq.read_table(path)
+    if path.suffix.lower() == ".csv":
+        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in MANIFEST_COLUMNS}, strings_can_be_null=True))
+    raise SourceError(f"manifest {path}: expected a .parquet or .csv file")
+
+
+def list_manifest(config: Config) -> ListingBuilder:
+    path = config.resolve(config.data.path)
+    table = _read_manifest(path)
+    missing = {"kind", "path"} - set(table.column_names)
+    if missing:
+        raise SourceError(f"manifest {path}: missing column(s) {sorted(missing)}; "
+                          f"columns are {sorted(MANIFEST_COLUMNS)} (docs/datasets.md)")
+    for name in MANIFEST_COLUMNS - set(table.column_names):
+        table = table.append_column(name, pa.nulls(len(table), pa.string()))
+    table = table.select(sorted(MANIFEST_COLUMNS)).cast(
+        pa.schema([(c, pa.string()) for c in sorted(MANIFEST_COLUMNS)]))
+    kinds = set(pc.unique(table["kind"]).to_pylist())
+    if not kinds <= {"gallery", "query"}:
+        raise SourceError(f"manifest {path}: column kind must be 'gallery' or 'query', "
+                          f"found {sorted(k for k in kinds if k not in {'gallery', 'query'})}")
+    base = path.parent
+    builder = ListingBuilder(config.data.shard_size)
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        if row["kind"] != "gallery":
+            continue
+        if not row["path"]:
+            raise SourceError(f"manifest {path} row {i}: a gallery row needs a path")
+        split = row["split"] or _split(config.run.seed, row["path"], config.data.test_fraction)
+        if split not in ("train", "test"):
+            raise SourceError(f"manifest {path} row {i}: split must be train or test")
+        builder.add_photo(row["key"] or row["path"], split, row["class_label"],
+                          str(base / row["path"]))
+    for i, row in enumerate(rows):
+        if row["kind"] != "query":
+            continue
+        if not row["style"] or not row["target"]:
+            raise SourceError(f"manifest {path} row {i}: a query row needs style and target")
+        if bool(row["path"]) == bool(row["text"]):
+            raise SourceError(f"manifest {path} row {i}: a query row needs a path or a text")
+        source = str(base / row["path"]) if row["path"] else None
+        builder.add_query(row["target"], row["style"], source=source, text=row["text"],
+                          tag=row["path"] or str(i))
+    return builder
+
+
+LISTERS = {"demo": list_demo, "dsr": list_dsr, "folder": list_folder, "manifest": list_manifest}
+
+
+def list_source(config: Config) -> tuple[pa.Table, pa.Table]:
+    """The (gallery, queries) listing of `config.data.source`."""
+    return LISTERS[config.data.source](config).build()

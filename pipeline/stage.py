@@ -1,0 +1,117 @@
+"""What a stage is: a name, its inputs, how it plans units, and `run(unit) -> UnitResult`.
+
+Stages are glue (they read inputs, call library code and write artifacts); the runner owns
+fingerprints, the catalog and resuming. A stage writes every file atomically and returns
+records; the runner marks the unit done only after that, in the catalog's last write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pipeline.catalog import (
+    ArtifactRecord,
+    Catalog,
+    FailureRecord,
+    MetricRecord,
+    UnitRow,
+    ViewSpec,
+)
+from pipeline.config import Config, fingerprint_fields
+
+
+class PipelineError(RuntimeError):
+    """A run cannot go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PlannedUnit:
+    key: str
+    params: dict[str, Any]
+
+
+@dataclass
+class UnitResult:
+    rows: int
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
+    failures: list[FailureRecord] = field(default_factory=list)
+    metrics: list[MetricRecord] = field(default_factory=list)
+
+
+def shard_key(shard: int) -> str:
+    """Unit key of a shard: zero-padded so keys sort in shard order."""
+    return f"shard-{shard:05d}"
+
+
+@dataclass
+class StageContext:
+    """What a stage sees while planning and running."""
+
+    config: Config
+    catalog: Catalog
+    stage: str
+    fingerprint: str
+    inputs: dict[str, str]  # upstream stage -> its fingerprint
+    progress: Callable[[str, int | None], AbstractContextManager[Callable[[int], None]]]
+    log: logging.Logger
+
+    @property
+    def out_dir(self) -> Path:
+        """Where this stage's artifacts go: a new folder for every fingerprint."""
+        return self.config.work_dir / self.stage / self.fingerprint
+
+    def input_paths(self, stage: str, kind: str, unit_key: str | None = None) -> list[str]:
+        """Done artifact files of kind `kind` written by upstream `stage` (or one unit of it)."""
+        return self.catalog.artifact_paths(stage, self.inputs[stage], kind, unit_key)
+
+    def input_path(self, stage: str, kind: str, unit_key: str | None = None) -> str:
+        paths = self.input_paths(stage, kind, unit_key)
+        if len(paths) != 1:
+            raise PipelineError(
+                f"stage {self.stage}: expected one {kind!r} artifact from {stage}, found "
+                f"{len(paths)}; run `fsr-pipe run {stage}` first"
+            )
+        return paths[0]
+
+
+class Stage:
+    """Base class; subclasses set the class attributes and implement plan/run."""
+
+    name: ClassVar[str]
+    section: ClassVar[str]  # the config section that defines its results
+    needs: ClassVar[tuple[str, ...]] = ()
+    # Bump when a change to the code changes what the stage writes: it re-runs stale units.
+    version: ClassVar[str] = "1"
+    views: ClassVar[tuple[ViewSpec, ...]] = ()
+
+    def plan(self, ctx: StageContext) -> list[PlannedUnit]:
+        raise NotImplementedError
+
+    def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        raise NotImplementedError
+
+    def notes(self, config: Config) -> str | None:
+        """A line for `status` and the log (e.g. that weights are random)."""
+        return None
+
+    def config_values(self, config: Config) -> dict[str, Any]:
+        return fingerprint_fields(config.section(self.section))
+
+    def fingerprint(self, config: Config, inputs: dict[str, str]) -> str:
+        """Hash of the stage's code version, config section, seed and upstream fingerprints."""
+        payload = {
+            "stage": self.name,
+            "version": self.version,
+            "config": self.config_values(config),
+            "seed": config.run.seed,
+            "inputs": dict(sorted(inputs.items())),
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

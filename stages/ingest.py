@@ -1,0 +1,34 @@
+"""Stage `ingest`: list the dataset (ids, splits, shards) once; nothing is decoded here.
+
+    fsr-pipe run ingest
+
+One unit writes the listing; `prepare` then materialises it shard by shard.
+"""
+
+from __future__ import annotations
+
+from pipeline.artifacts import describe, write_parquet
+from pipeline.catalog import UnitRow
+from pipeline.data.sources import list_source
+from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    section = "data"
+
+    def plan(self, ctx: StageContext) -> list[PlannedUnit]:
+        return [PlannedUnit("listing", {})]
+
+    def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        gallery, queries = list_source(ctx.config)
+        out = ctx.out_dir / unit.key
+        return UnitResult(
+            rows=len(gallery),
+            artifacts=[
+                describe("gallery_listing", write_parquet(gallery, out / "gallery.parquet"),
+                         len(gallery)),
+                describe("query_listing", write_parquet(queries, out / "queries.parquet"),
+                         len(queries)),
+            ],
+        )
