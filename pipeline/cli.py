@@ -38,11 +38,14 @@ FIRST_SQL = ("SELECT q.style, a.cluster, count(*) AS n FROM style_assignments a 
 
 
 def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) -> Config:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+    level = logging.WARNING if quiet else logging.INFO
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # plain lines for log files and schedulers
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     return load_config(config_path, overrides or [])
 
 

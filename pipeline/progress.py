@@ -20,7 +20,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True)
+# soft_wrap: long paths and SQL stay on one line (copy-pasteable), also in logs and CI.
+console = Console(stderr=True, soft_wrap=True)
 
 
 class _RateColumn(TextColumn):

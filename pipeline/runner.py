@@ -196,9 +196,8 @@ class Runner:
             stage.name, unit.key, ctx.fingerprint, result.rows, seconds,
             result.artifacts, result.failures, result.metrics,
         )
-        where = result.artifacts[0].path if result.artifacts else "-"
         log.info("%s %s: %d items (%d bad) in %.1fs -> %s", stage.name, unit.key, result.rows,
-                 len(result.failures), seconds, where)
+                 len(result.failures), seconds, ctx.out_dir / unit.key)
         return "ran"
 
     def _check_failures(self, stage: Stage, fingerprint: str) -> None:

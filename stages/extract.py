@@ -61,9 +61,8 @@ class ExtractStage(Stage):
 
     def notes(self, config: Config) -> str | None:
         if not config.extract.vgg_weights:
-            return ("VGG weights: seeded random init (extract.vgg_weights is empty); Gram "
-                    "statistics of random filters still describe texture, but real weights "
-                    "separate styles better")
+            return ("VGG weights: seeded random init; set extract.vgg_weights to real weights "
+                    "(random filters tell sketch from photo, finer styles less well)")
         return None
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
