@@ -7,15 +7,23 @@ One unit writes the listing; `prepare` then materialises it shard by shard.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipeline.artifacts import describe, write_parquet
 from pipeline.catalog import UnitRow
-from pipeline.data.sources import list_source
+from pipeline.config import Config, fingerprint_fields
+from pipeline.data.sources import list_source, source_stamp
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
 
 
 class IngestStage(Stage):
     name = "ingest"
     section = "data"
+
+    def config_values(self, config: Config) -> dict[str, Any]:
+        # The listing files' size and mtime join the fingerprint: an edited train.json or
+        # manifest (or a class folder gaining photos) re-lists the dataset.
+        return {**fingerprint_fields(config.data), "source_stamp": source_stamp(config)}
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         return [PlannedUnit("listing", {})]

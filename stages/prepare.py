@@ -150,19 +150,21 @@ class PrepareStage(Stage):
                image: Image.Image | None, out: Path) -> dict:
         row = {k: query[k] for k in ("query_id", "image_id", "style", "split", "shard")}
         row.update(class_label=photo_row["class_label"], path=None, text=None)
-        if query["style"] == "text":
-            if query["caption_path"]:
-                row["text"] = read_caption(query["caption_path"])
-            else:
-                row["text"] = check_caption(query["text"] or photo_row["caption"])
-            return row
-        if query["generate"]:
+        if query["generate"] and query["style"] != "text":
             assert image is not None, "generated queries need their decoded photo"
             seed = stable_id(f"{ctx.config.run.seed}:{query['query_id']}") % 2**31
             styled = STYLE_TRANSFORMS[query["style"]](image, seed)
             name = Path(photo_row["key"]).with_suffix(".png")
             row["path"] = save_png(styled, out / query["style"] / name)
             return row
-        check_file(query["source"])
-        row["path"] = query["source"]
+        if query["source"] is not None:
+            check_file(query["source"])
+            row["path"] = query["source"]
+            return row
+        # No image to draw or read: a text query, whatever its style is called (a manifest
+        # may name it anything, docs/datasets.md).
+        if query["caption_path"]:
+            row["text"] = read_caption(query["caption_path"])
+        else:
+            row["text"] = check_caption(query["text"] or photo_row["caption"])
         return row

@@ -116,18 +116,27 @@ def list_demo(config: Config) -> ListingBuilder:
 def list_dsr(config: Config) -> ListingBuilder:
     root = config.resolve(config.data.path)
     builder = ListingBuilder(config.data.shard_size)
+    seen: dict[str, str] = {}
     for split in ("train", "test"):
         listing = root / f"{split}.json"
         if not listing.is_file():
             raise SourceError(f"DSR listing {listing} not found (data.path = {root})")
-        try:
-            entries = json.loads(listing.read_text())
+        try:  # bytes: json detects UTF-8 (with or without BOM), -16, -32 itself
+            entries = json.loads(listing.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise SourceError(f"{listing}: not valid JSON ({exc})") from exc
+        if not isinstance(entries, list):
+            raise SourceError(f"{listing}: expected a list of {{'image': ..., 'caption': ...}}")
         for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
-                raise SourceError(f"{listing}[{i}]: expected {{'image': ..., 'caption': ...}}")
+            if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
+                    and isinstance(entry.get("caption"), str)):
+                raise SourceError(f"{listing}[{i}]: expected {{'image': <file name>, "
+                                  f"'caption': <file name>}}, got {entry!r:.100}")
             name = entry["image"]
+            if name in seen:
+                raise SourceError(f"{listing}[{i}]: image {name!r} is listed twice (also in "
+                                  f"{seen[name]}.json)")
+            seen[name] = split
             builder.add_photo(name, split, None, str(root / "images" / name))
             builder.add_query(name, "text", caption_path=str(root / "text" / entry["caption"]))
             for style, folder in DSR_STYLE_DIRS.items():
@@ -163,12 +172,16 @@ MANIFEST_COLUMNS = {"kind", "key", "path", "text", "style", "target", "class_lab
 def _read_manifest(path: Path) -> pa.Table:
     if not path.is_file():
         raise SourceError(f"manifest {path} not found (data.path)")
-    if path.suffix.lower() == ".parquet":
-        return pq.read_table(path)
-    if path.suffix.lower() == ".csv":
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise SourceError(f"manifest {path}: expected a .parquet or .csv file")
+    try:
+        if suffix == ".parquet":
+            return pq.read_table(path)
         return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
             column_types={c: pa.string() for c in MANIFEST_COLUMNS}, strings_can_be_null=True))
-    raise SourceError(f"manifest {path}: expected a .parquet or .csv file")
+    except pa.ArrowException as exc:  # not Parquet, a CSV parse error, ...
+        raise SourceError(f"manifest {path}: cannot read ({exc})") from exc
 
 
 def list_manifest(config: Config) -> ListingBuilder:
@@ -184,32 +197,70 @@ def list_manifest(config: Config) -> ListingBuilder:
         pa.schema([(c, pa.string()) for c in sorted(MANIFEST_COLUMNS)]))
     kinds = set(pc.unique(table["kind"]).to_pylist())
     if not kinds <= {"gallery", "query"}:
+        # repr: an empty cell is None, which does not sort with strings.
+        found = sorted(repr(k) for k in kinds - {"gallery", "query"})
         raise SourceError(f"manifest {path}: column kind must be 'gallery' or 'query', "
-                          f"found {sorted(k for k in kinds if k not in {'gallery', 'query'})}")
+                          f"found {', '.join(found)}")
     base = path.parent
     builder = ListingBuilder(config.data.shard_size)
     rows = table.to_pylist()
+    keys: dict[str, int] = {}
     for i, row in enumerate(rows):
         if row["kind"] != "gallery":
             continue
         if not row["path"]:
             raise SourceError(f"manifest {path} row {i}: a gallery row needs a path")
+        key = row["key"] or row["path"]
+        if key in keys:
+            raise SourceError(f"manifest {path} row {i}: gallery key {key!r} is also on row "
+                              f"{keys[key]}; keys (default: path) must be unique")
+        keys[key] = i
         split = row["split"] or _split(config.run.seed, row["path"], config.data.test_fraction)
         if split not in ("train", "test"):
             raise SourceError(f"manifest {path} row {i}: split must be train or test")
-        builder.add_photo(row["key"] or row["path"], split, row["class_label"],
-                          str(base / row["path"]))
+        builder.add_photo(key, split, row["class_label"], str(base / row["path"]))
     for i, row in enumerate(rows):
         if row["kind"] != "query":
             continue
         if not row["style"] or not row["target"]:
             raise SourceError(f"manifest {path} row {i}: a query row needs style and target")
-        if bool(row["path"]) == bool(row["text"]):
-            raise SourceError(f"manifest {path} row {i}: a query row needs a path or a text")
+        if row["target"] not in keys:
+            raise SourceError(f"manifest {path} row {i}: target {row['target']!r} is not a "
+                              "gallery key (a gallery row's key, default its path)")
+        if row["path"] and row["text"]:
+            raise SourceError(f"manifest {path} row {i}: a query row has a path (image query) "
+                              "or a text (text query), not both")
+        if not row["path"] and not row["text"] and row["style"] != "text":
+            raise SourceError(f"manifest {path} row {i}: a query row needs a path (image "
+                              "query) or a text (text query)")
+        # No path: a text query. An empty text is a bad input (`prepare` records "empty
+        # caption"), not a malformed manifest: one blank caption must not stop a run.
         source = str(base / row["path"]) if row["path"] else None
-        builder.add_query(row["target"], row["style"], source=source, text=row["text"],
-                          tag=row["path"] or str(i))
+        text = None if source else (row["text"] or "")
+        # The tag keeps ids stable when rows move: the file, or the text itself.
+        builder.add_query(row["target"], row["style"], source=source, text=text,
+                          tag=row["path"] or f"text:{text}")
     return builder
+
+
+def source_stamp(config: Config) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of the files and folders that define a source's listing."""
+    data = config.data
+    if data.source == "demo":
+        return []
+    root = config.resolve(data.path)
+    if data.source == "dsr":
+        paths = [root / "train.json", root / "test.json"]
+    elif data.source == "manifest":
+        paths = [root]
+    else:  # folder: a class folder's mtime changes when photos are added or removed
+        paths = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+    stamp = []
+    for path in paths:
+        if path.exists():
+            info = path.stat()
+            stamp.append((str(path), info.st_size if path.is_file() else 0, info.st_mtime_ns))
+    return stamp
 
 
 LISTERS = {"demo": list_demo, "dsr": list_dsr, "folder": list_folder, "manifest": list_manifest}
