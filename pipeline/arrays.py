@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow as pa
 
 
-def vectors_to_arrow(x: np.ndarray) -> pa.FixedSizeListArray:
-    """(n, d) float array -> Arrow fixed_size_list<float32>[d] (DuckDB reads it as FLOAT[d])."""
+def vectors_to_arrow(x: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
+    """(n, d) array -> Arrow fixed_size_list<dtype>[d] (DuckDB reads it as FLOAT[d])."""
     assert x.ndim == 2, f"expected (n, d), got {x.shape}"
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=dtype)
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
 
 

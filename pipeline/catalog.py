@@ -301,6 +301,16 @@ class Catalog:
                 [seconds, rows, *ident],
             )
 
+    def add_metrics(self, stage: str, key: str, fingerprint: str,
+                    metrics: Sequence[MetricRecord]) -> None:
+        """Record metrics while a unit runs (e.g. per epoch); `finish` replaces them."""
+        with self.transaction() as con:
+            con.executemany(
+                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
+                [[stage, key, fingerprint, m.name, m.value, json.dumps(m.labels, sort_keys=True)]
+                 for m in metrics],
+            )
+
     def fail(self, stage: str, key: str, fingerprint: str, error: str, seconds: float) -> None:
         with self.transaction() as con:
             con.execute(

@@ -45,7 +45,10 @@ def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) 
     else:  # plain lines for log files and schedulers
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # Our loggers speak at INFO; libraries (open_clip, faiss) only at WARNING.
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    for name in ("pipeline", "stages"):
+        logging.getLogger(name).setLevel(level)
     return load_config(config_path, overrides or [])
 
 

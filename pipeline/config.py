@@ -119,11 +119,74 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    # An open_clip architecture (ViT-B-32, ViT-L-14, ...) or a project one (fsr-tiny-vit).
+    arch: str = "ViT-B-32"
+    # An open_clip pretrained tag (needs the network), a local checkpoint file, or empty for
+    # a seeded random init (logged loudly).
+    pretrained: str = ""
+    # METHOD.md 3: prompt tokens inserted after CLS; shallow layers from the style feature,
+    # deep layers (VPT-deep, replaced per layer) from the Gram vector.
+    n_tokens: int = 4
+    shallow_init: Literal["style", "gram", "random"] = "style"
+    deep_init: Literal["gram", "style", "random"] = "gram"
+    # Vision layers that count as shallow; -1 = half of them (docs/method.md).
+    shallow_layers: int = -1
+
+    def validate(self) -> None:
+        _check(bool(self.arch), "model.arch", "must name an open_clip or project architecture")
+        _check(self.n_tokens in (1, 2, 4, 8), "model.n_tokens", "must be one of 1, 2, 4, 8")
+        _check(self.shallow_layers >= -1, "model.shallow_layers", "must be >= -1 (-1 = half)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Paper recipe (METHOD.md 3): Adam, lr 1e-5, batch 24, up to 20 epochs, early stop after 5.
+    lr: float = 1e-5
+    batch_size: int = 24
+    epochs: int = 20
+    patience: int = 5
+    margin: float = 1.0
+    # Training photos (with their queries) held out for the per-epoch validation Recall@1.
+    val_fraction: float = 0.1
+    # Mixed precision on CUDA (auto = bf16 where supported, else fp16); CPU always runs fp32.
+    amp: Literal["auto", "bf16", "fp16", "off"] = _run_only("auto")
+    num_workers: int = _run_only(1)
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.batch_size >= 2, "train.batch_size", "must be >= 2 (negatives come from it)")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.patience >= 1, "train.patience", "must be >= 1")
+        _check(self.margin > 0, "train.margin", "must be > 0")
+        _check(0.0 < self.val_fraction < 1.0, "train.val_fraction", "must be in (0, 1)")
+        _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    # Stored embedding precision.
+    dtype: Literal["float32", "float16"] = "float32"
+    # Also embed the gallery with the plain CLIP (no prompts), the baseline `score` reports.
+    baseline: bool = True
+    batch_size: int = _run_only(64)
+    num_workers: int = _run_only(1)
+    amp: Literal["auto", "bf16", "fp16", "off"] = _run_only("auto")
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "embed.batch_size", "must be >= 1")
+        _check(self.num_workers >= 0, "embed.num_workers", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     # Directory relative paths in the file are resolved against (the config file's folder).
     base_dir: str = field(default=".", metadata={"fingerprint": False})
 

@@ -57,6 +57,20 @@ num_workers = 0
 [cluster]
 k = 4
 niter = 10
+
+[model]
+arch = "fsr-tiny-vit"
+
+[train]
+lr = 0.001
+batch_size = 8
+epochs = 2
+val_fraction = 0.25
+num_workers = 0
+
+[embed]
+batch_size = 8
+num_workers = 0
 """
 
 

@@ -13,7 +13,7 @@ from pipeline.catalog import Catalog
 from pipeline.cli import app
 from pipeline.config import load_config
 
-STAGES = ["ingest", "prepare", "extract", "cluster"]
+STAGES = ["ingest", "prepare", "extract", "cluster"]  # the foundation; train/embed: test_train.py
 
 
 def ran(reports) -> dict[str, int]:
@@ -22,10 +22,10 @@ def ran(reports) -> dict[str, int]:
 
 def test_run_all_then_nothing_to_do(tiny_config):
     config = load_config(tiny_config)
-    first = commands.run(config, ["all"], progress=False)
+    first = commands.run(config, ["cluster"], progress=False)
     assert [r.stage for r in first] == STAGES
     assert ran(first) == {"ingest": 1, "prepare": 4, "extract": 4, "cluster": 1}
-    second = commands.run(config, ["all"], progress=False)
+    second = commands.run(config, ["cluster"], progress=False)
     assert ran(second) == dict.fromkeys(STAGES, 0)
     assert {r.stage: r.skipped for r in second} == {"ingest": 1, "prepare": 4, "extract": 4,
                                                     "cluster": 1}
@@ -42,31 +42,31 @@ def test_run_all_then_nothing_to_do(tiny_config):
 
 def test_config_change_reruns_only_what_it_affects(tiny_config):
     config = load_config(tiny_config)
-    commands.run(config, ["all"], progress=False)
+    commands.run(config, ["cluster"], progress=False)
     k3 = load_config(tiny_config, ["cluster.k=3"])
-    assert ran(commands.run(k3, ["all"], progress=False)) == {
+    assert ran(commands.run(k3, ["cluster"], progress=False)) == {
         "ingest": 0, "prepare": 0, "extract": 0, "cluster": 1}
     gram = load_config(tiny_config, ["cluster.k=3", "extract.gram_dim=16"])
-    assert ran(commands.run(gram, ["all"], progress=False)) == {
+    assert ran(commands.run(gram, ["cluster"], progress=False)) == {
         "ingest": 0, "prepare": 0, "extract": 4, "cluster": 1}
     # Run-only settings do not invalidate anything.
     batch = load_config(tiny_config, ["cluster.k=3", "extract.gram_dim=16",
                                       "extract.batch_size=3"])
-    assert ran(commands.run(batch, ["all"], progress=False)) == dict.fromkeys(STAGES, 0)
+    assert ran(commands.run(batch, ["cluster"], progress=False)) == dict.fromkeys(STAGES, 0)
     status = {s.stage: s for s in commands.status(batch)}
     assert status["extract"].done == 4 and status["extract"].stale == 4
     assert status["cluster"].stale == 2
     # Going back to an earlier config finds its finished units again.
-    assert ran(commands.run(config, ["all"], progress=False)) == dict.fromkeys(STAGES, 0)
+    assert ran(commands.run(config, ["cluster"], progress=False)) == dict.fromkeys(STAGES, 0)
     catalog = Catalog.in_dir(config.work_dir)
     assert catalog.rows("SELECT count(*) FROM style_centres") == [(4,)]
 
 
 def test_outputs_never_overwrite_other_fingerprints(tiny_config):
     config = load_config(tiny_config)
-    commands.run(config, ["all"], progress=False)
+    commands.run(config, ["cluster"], progress=False)
     other = load_config(tiny_config, ["cluster.k=3"])
-    commands.run(other, ["all"], progress=False)
+    commands.run(other, ["cluster"], progress=False)
     dirs = sorted(p.name for p in (config.work_dir / "cluster").iterdir())
     assert len(dirs) == 2
 
@@ -86,7 +86,7 @@ def test_gram_vectors_are_normalised_and_styles_cluster(tmp_path):
     from conftest import write_tiny_config
 
     config = load_config(write_tiny_config(tmp_path, tmp_path / "run", items=32))
-    commands.run(config, ["all"], progress=False)
+    commands.run(config, ["cluster"], progress=False)
     catalog = Catalog.in_dir(config.work_dir)
     x = arrow_to_vectors(catalog.query("SELECT gram FROM gram_features")["gram"])
     assert x.shape == (96, 32)
@@ -127,7 +127,7 @@ def test_artifacts_match_their_catalog_records(tiny_config):
     from pipeline.artifacts import sha256_file
 
     config = load_config(tiny_config)
-    commands.run(config, ["all"], progress=False)
+    commands.run(config, ["cluster"], progress=False)
     for path, rows, sha in Catalog.in_dir(config.work_dir).rows(
             "SELECT path, rows, sha256 FROM artifacts"):
         assert sha256_file(path) == sha

@@ -1,0 +1,42 @@
+"""One entry point that builds the FreestyleRet model from config (train and embed share it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.models.clip import load_clip
+from pipeline.models.freestyle import FreestyleRet, PromptSpec
+from pipeline.models.style import build_gram_encoder
+
+
+def pretrained_source(config: Config) -> str:
+    """`model.pretrained` as a resolved file path when it names a file, else as given (a tag)."""
+    value = config.model.pretrained
+    if value and config.resolve(value).is_file():
+        return str(config.resolve(value))
+    return value
+
+
+def build_model(config: Config, centres: np.ndarray,
+                device: torch.device) -> tuple[FreestyleRet, object]:
+    """(FreestyleRet with freshly initialised prompts, tokenizer); deterministic from run.seed."""
+    clip, tokenizer = load_clip(config.model.arch, pretrained_source(config),
+                                seed=config.run.seed, device=device)
+    spec = PromptSpec(n_tokens=config.model.n_tokens, shallow_init=config.model.shallow_init,
+                      deep_init=config.model.deep_init,
+                      shallow_layers=config.model.shallow_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        model = FreestyleRet(clip, build_gram_encoder(config, device),
+                             torch.tensor(np.array(centres), dtype=torch.float32),
+                             config.cluster.temperature, spec)
+    return model.to(device), tokenizer
+
+
+def build_baseline(config: Config, device: torch.device) -> torch.nn.Module:
+    """The same CLIP with no prompts and untouched LayerNorms: the side-by-side baseline."""
+    clip, _ = load_clip(config.model.arch, pretrained_source(config), seed=config.run.seed,
+                        device=device)
+    return clip

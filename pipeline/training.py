@@ -1,0 +1,267 @@
+"""Plain prompt-tuning code: triplet batches, one epoch, validation Recall@1, checkpoints.
+
+The `train` stage is glue around these functions (METHOD.md section 3). Nothing here knows
+about the catalog; checkpoints are a weights file plus a JSON sidecar written last, so a
+sidecar's existence means the checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.artifacts import atomic_path
+from pipeline.data.images import BadInput, load_rgb, to_tensor
+
+
+@dataclass(frozen=True)
+class Query:
+    query_id: int
+    image_id: int
+    style: str
+    path: str | None  # image queries
+    text: str | None  # text queries
+
+
+@dataclass
+class History:
+    """What a checkpoint remembers besides weights: per-epoch metrics and early stopping."""
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = -1.0
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, metrics: dict[str, Any]) -> bool:
+        """Record an epoch; True if it is the best so far (by mean validation Recall@1)."""
+        self.epochs.append({"epoch": epoch, **metrics})
+        if metrics["val_recall@1"] > self.best_score:
+            self.best_score, self.best_epoch, self.bad_epochs = metrics["val_recall@1"], epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+
+def decode(path: str, image_size: int, max_pixels: int) -> torch.Tensor:
+    """An image as a (3, size, size) tensor; a bad input (already recorded by `extract`)
+    becomes a blank image so batch shapes hold."""
+    try:
+        return to_tensor(load_rgb(path, max_pixels), image_size)
+    except BadInput:
+        return torch.zeros(3, image_size, image_size)
+
+
+class TripletData(Dataset):
+    """(query, its photo, another photo) triplets; images decoded in DataLoader workers.
+
+    Negatives are drawn per epoch from a generator seeded by (seed, epoch), so a resumed run
+    sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, queries: Sequence[Query], photos: dict[int, str], grams: dict[int, Any],
+                 image_size: int, max_pixels: int, seed: int, epoch: int) -> None:
+        self.queries = list(queries)
+        self.photos = photos
+        self.grams = grams  # query_id / image_id -> Gram vector (np.ndarray)
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+        photo_ids = np.array(sorted(photos), dtype=np.int64)
+        rng = np.random.default_rng([seed, epoch])
+        positives = np.array([q.image_id for q in self.queries], dtype=np.int64)
+        negatives = photo_ids[rng.integers(0, len(photo_ids), len(self.queries))]
+        clash = negatives == positives
+        while clash.any():  # a negative must be another photo
+            negatives[clash] = photo_ids[rng.integers(0, len(photo_ids), int(clash.sum()))]
+            clash = negatives == positives
+        self.negatives = negatives.tolist()
+        self.order = rng.permutation(len(self.queries)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def _image(self, path: str) -> torch.Tensor:
+        return decode(path, self.image_size, self.max_pixels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        query = self.queries[self.order[index]]
+        negative = self.negatives[self.order[index]]
+        is_text = query.path is None
+        pixels = torch.zeros(3, self.image_size, self.image_size) if is_text else self._image(
+            query.path)
+        dim = len(next(iter(self.grams.values())))
+        gram = np.zeros(dim, np.float32) if is_text else self.grams[query.query_id]
+        return {
+            "is_text": is_text,
+            "text": query.text or "",
+            "query_pixels": pixels,
+            "query_gram": torch.as_tensor(gram),
+            "pos_pixels": self._image(self.photos[query.image_id]),
+            "pos_gram": torch.as_tensor(self.grams[query.image_id]),
+            "neg_pixels": self._image(self.photos[negative]),
+            "neg_gram": torch.as_tensor(self.grams[negative]),
+        }
+
+
+def triplet_batches(data: TripletData, batch_size: int, num_workers: int,
+                    pin_memory: bool) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False)
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA as configured; fp32 (no autocast) on CPU."""
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def batch_loss(model: torch.nn.Module, batch: dict[str, Any], tokenize: Callable,
+               loss_fn: Callable, margin: float, device: torch.device) -> torch.Tensor:
+    """Mean symmetric triplet loss of a batch with text and image queries mixed."""
+    move = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+            if isinstance(v, torch.Tensor)}
+    is_text = move["is_text"]
+    positive = model.encode_image(move["pos_pixels"], move["pos_gram"])
+    negative = model.encode_image(move["neg_pixels"], move["neg_gram"])
+    query = torch.empty_like(positive)
+    if is_text.any():
+        texts = [t for t, flag in zip(batch["text"], is_text.tolist()) if flag]
+        query[is_text] = model.encode_text(tokenize(texts).to(device)).to(query.dtype)
+    if (~is_text).any():
+        image = ~is_text
+        query[image] = model.encode_image(move["query_pixels"][image],
+                                          move["query_gram"][image]).to(query.dtype)
+    return loss_fn(query, positive, negative, margin)
+
+
+def train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                tokenize: Callable, loss_fn: Callable, margin: float, device: torch.device,
+                amp: str, advance: Callable[[int], None]) -> float:
+    """One pass over the loader; returns the mean loss (weighted by batch size)."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        with autocast(device, amp):
+            loss = batch_loss(model, batch, tokenize, loss_fn, margin, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = len(batch["text"])
+        total += float(loss.detach()) * n
+        count += n
+        advance(n)
+    return total / max(count, 1)
+
+
+def recall_at_1(query_emb: np.ndarray, query_targets: np.ndarray, gallery_emb: np.ndarray,
+                gallery_ids: np.ndarray) -> float:
+    """Fraction of queries whose nearest gallery item (inner product) is their target."""
+    if len(query_emb) == 0:
+        return float("nan")
+    best = np.argmax(query_emb @ gallery_emb.T, axis=1)
+    return float(np.mean(gallery_ids[best] == query_targets))
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, queries: Sequence[Query], photos: dict[int, str],
+             grams: dict[int, Any], tokenize: Callable, image_size: int, max_pixels: int,
+             device: torch.device, amp: str, batch_size: int) -> dict[str, float]:
+    """Recall@1 per query style against the validation photos, and their mean."""
+    model.eval()
+    photo_ids = np.array(sorted(photos), dtype=np.int64)
+
+    def encode_images(keys: Sequence[int], paths: Sequence[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(keys), batch_size):
+            chunk = range(start, min(start + batch_size, len(keys)))
+            pixels = torch.stack([decode(paths[i], image_size, max_pixels)
+                                  for i in chunk]).to(device)
+            gram = torch.stack([torch.as_tensor(grams[keys[i]]) for i in chunk]).to(device)
+            with autocast(device, amp):
+                out.append(model.encode_image(pixels, gram).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+    gallery = encode_images(photo_ids.tolist(), [photos[i] for i in photo_ids])
+    result = {}
+    for style in sorted({q.style for q in queries}):
+        subset = [q for q in queries if q.style == style]
+        targets = np.array([q.image_id for q in subset], dtype=np.int64)
+        if style == "text" or subset[0].path is None:
+            embs = []
+            for start in range(0, len(subset), batch_size):
+                tokens = tokenize([q.text for q in subset[start:start + batch_size]])
+                with autocast(device, amp):
+                    embs.append(model.encode_text(tokens.to(device)).float().cpu().numpy())
+            emb = np.concatenate(embs)
+        else:
+            emb = encode_images([q.query_id for q in subset], [q.path for q in subset])
+        result[f"val_recall@1/{style}"] = recall_at_1(emb, targets, gallery, photo_ids)
+    result["val_recall@1"] = float(np.nanmean(list(result.values())))
+    return result
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "epoch-"
+
+
+def checkpoint_paths(directory: Path, epoch: int) -> tuple[Path, Path]:
+    stem = directory / f"{CHECKPOINT_PREFIX}{epoch:03d}"
+    return stem.with_suffix(".pt"), stem.with_suffix(".json")
+
+
+def save_checkpoint(directory: Path, epoch: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, history: History,
+                    config: dict[str, Any]) -> Path:
+    """Weights + optimizer + RNG state, then the JSON sidecar last (its existence = complete)."""
+    weights, sidecar = checkpoint_paths(directory, epoch)
+    with atomic_path(weights) as tmp:
+        torch.save({"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp)
+    meta = {"epoch": epoch, "config": config, "history": asdict(history)}
+    with atomic_path(sidecar) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return weights
+
+
+def latest_checkpoint(directory: Path) -> int | None:
+    """The last epoch whose checkpoint is complete (sidecar present), or None."""
+    epochs = []
+    for sidecar in directory.glob(f"{CHECKPOINT_PREFIX}*.json"):
+        weights = sidecar.with_suffix(".pt")
+        if weights.exists():
+            epochs.append(int(sidecar.stem[len(CHECKPOINT_PREFIX):]))
+    return max(epochs) if epochs else None
+
+
+def load_checkpoint(directory: Path, epoch: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None) -> History:
+    weights, sidecar = checkpoint_paths(directory, epoch)
+    state = torch.load(weights, map_location="cpu", weights_only=False)
+    model.load_trainable_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+    return History(**json.loads(sidecar.read_text())["history"])
+
+
+def prune_checkpoints(directory: Path, keep: Sequence[int]) -> None:
+    """Delete epoch checkpoints other than `keep` (the latest and the best)."""
+    for path in directory.glob(f"{CHECKPOINT_PREFIX}*"):
+        try:
+            epoch = int(path.stem[len(CHECKPOINT_PREFIX):])
+        except ValueError:
+            continue
+        if epoch not in keep:
+            path.unlink(missing_ok=True)

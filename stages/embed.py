@@ -1,0 +1,114 @@
+"""Stage `embed`: gallery embeddings from the trained prompted encoder, per shard (METHOD.md 4).
+
+    fsr-pipe stage embed --shard 3
+
+Each shard's photos are decoded in DataLoader workers and go through the same prompted visual
+encoder as the queries (VGG Gram path inside the model, then the prompted ViT), L2-normalised,
+and are written as (image_id, embedding). With `embed.baseline` the same CLIP without prompts
+embeds them too, for the side-by-side baseline. On CUDA: autocast, pinned memory,
+non-blocking copies; memory stays at one batch plus one shard's embeddings.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.arrays import arrow_to_vectors, vectors_to_arrow
+from pipeline.artifacts import describe, write_parquet
+from pipeline.catalog import FailureRecord, MetricRecord, UnitRow, ViewSpec
+from pipeline.config import Config
+from pipeline.data.loader import ImageItem, iter_batches
+from pipeline.device import resolve_device
+from pipeline.models.clip import encode_image_baseline
+from pipeline.models.factory import build_baseline, build_model
+from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
+from pipeline.training import autocast
+
+EMPTY = "image_id BIGINT, embedding FLOAT[]"
+
+
+def load_trained_model(config: Config, ctx: StageContext, device: torch.device):
+    """FreestyleRet with the train stage's best prompts and LayerNorms loaded."""
+    centres = arrow_to_vectors(pq.read_table(ctx.input_path("cluster", "centres"))["centre"])
+    model, _ = build_model(config, centres, device)
+    state = torch.load(ctx.input_path("train", "model"), map_location=device, weights_only=False)
+    model.load_trainable_state_dict(state["model"])
+    return model.eval()
+
+
+class EmbedStage(Stage):
+    name = "embed"
+    section = "embed"
+    needs = ("prepare", "cluster", "train")
+    views = (ViewSpec("gallery_embeddings", "embed", "embeddings", EMPTY),
+             ViewSpec("baseline_embeddings", "embed", "baseline_embeddings", EMPTY))
+
+    def __init__(self) -> None:
+        self._models: tuple[tuple, tuple] | None = None
+
+    def plan(self, ctx: StageContext) -> list[PlannedUnit]:
+        units = ctx.catalog.units("prepare", ctx.inputs["prepare"])
+        return [PlannedUnit(u.key, u.params) for u in units]
+
+    def models(self, ctx: StageContext) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        """(prompted model, baseline CLIP or None), built once per process and fingerprint."""
+        key = (ctx.fingerprint, ctx.config.run.device)
+        if self._models is None or self._models[0] != key:
+            device = resolve_device(ctx.config.run.device)
+            baseline = build_baseline(ctx.config, device).eval() if ctx.config.embed.baseline \
+                else None
+            self._models = (key, (load_trained_model(ctx.config, ctx, device), baseline))
+        return self._models[1]
+
+    def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        cfg = ctx.config.embed
+        model, baseline = self.models(ctx)
+        device = next(model.parameters()).device
+        gallery = pq.read_table(ctx.input_path("prepare", "gallery", unit.key),
+                                columns=["image_id", "path"])
+        items = [ImageItem("gallery", i, p) for i, p in zip(gallery["image_id"].to_pylist(),
+                                                           gallery["path"].to_pylist())]
+        ids: list[int] = []
+        prompted: list[np.ndarray] = []
+        plain: list[np.ndarray] = []
+        failures = []
+        started = time.monotonic()
+        batches = iter_batches(items, ctx.config.extract.image_size,
+                               ctx.config.data.max_image_pixels, cfg.batch_size,
+                               cfg.num_workers, pin_memory=device.type == "cuda")
+        with ctx.progress(f"embed {unit.key}", len(items)) as advance, torch.inference_mode():
+            for batch in batches:
+                failures += [FailureRecord(item.item_kind, item.item_id, item.path, reason)
+                             for item, reason in batch.failures]
+                if batch.pixels is not None:
+                    pixels = batch.pixels.to(device, non_blocking=True)
+                    with autocast(device, cfg.amp):
+                        prompted.append(model.encode_image(pixels).float().cpu().numpy())
+                        if baseline is not None:
+                            plain.append(encode_image_baseline(baseline, pixels)
+                                         .float().cpu().numpy())
+                    ids += [item.item_id for item in batch.items]
+                advance(len(batch.items) + len(batch.failures))
+        seconds = time.monotonic() - started
+        out = ctx.out_dir / unit.key
+        artifacts = [describe("embeddings", write_parquet(
+            self._table(ids, prompted, cfg.dtype), out / "embeddings.parquet"), len(ids))]
+        if baseline is not None:
+            artifacts.append(describe("baseline_embeddings", write_parquet(
+                self._table(ids, plain, cfg.dtype), out / "baseline.parquet"), len(ids)))
+        return UnitResult(
+            rows=len(ids), artifacts=artifacts, failures=failures,
+            metrics=[MetricRecord("images_per_s", len(ids) / max(seconds, 1e-9)),
+                     MetricRecord("shard_seconds", seconds)],
+        )
+
+    @staticmethod
+    def _table(ids: list[int], chunks: list[np.ndarray], dtype: str) -> pa.Table:
+        x = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
+        return pa.table({"image_id": pa.array(ids, pa.int64()),
+                         "embedding": vectors_to_arrow(x, dtype)})

@@ -1,0 +1,198 @@
+"""Stage `train`: style-initialised prompt tuning on a frozen CLIP (METHOD.md section 3).
+
+    fsr-pipe run train
+
+One unit. Queries of every style from the training split (text included) are paired with
+their photo and a random other photo; symmetric triplet loss, Adam. A seeded share of the
+training photos (`train.val_fraction`) is held out for the per-epoch validation Recall@1,
+measured before training too (epoch 0 = the untrained prompts). Checkpoints after every epoch
+(weights + JSON sidecar); a killed run resumes from the last one. Early stopping after
+`train.patience` epochs without a better validation Recall@1; the best epoch is the result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.arrays import arrow_to_vectors, stable_uniform
+from pipeline.artifacts import atomic_path, describe, write_parquet
+from pipeline.catalog import MetricRecord, UnitRow, ViewSpec
+from pipeline.config import Config, fingerprint_fields, to_dict
+from pipeline.device import resolve_device
+from pipeline.models.factory import build_model
+from pipeline.models.freestyle import triplet_loss
+from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
+from pipeline.training import (
+    History,
+    Query,
+    TripletData,
+    checkpoint_paths,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    train_epoch,
+    triplet_batches,
+    validate,
+)
+
+
+def _concat(paths: list[str], columns: list[str] | None = None) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+
+
+def load_training_data(ctx: StageContext) -> tuple[list[Query], dict[int, str], dict[int, Any]]:
+    """Training-split queries, photos (id -> path) and Gram vectors (id -> vector)."""
+    queries = _concat(ctx.input_paths("prepare", "queries"))
+    gallery = _concat(ctx.input_paths("prepare", "gallery"), ["image_id", "path", "split"])
+    grams: dict[int, Any] = {}
+    for kind, id_name in (("gram_queries", "query_id"), ("gram_gallery", "image_id")):
+        table = _concat(ctx.input_paths("extract", kind))
+        grams.update(zip(table[id_name].to_pylist(), arrow_to_vectors(table["gram"])))
+    photos = {i: p for i, p, s in zip(*(gallery[c].to_pylist() for c in
+                                        ("image_id", "path", "split")))
+              if s == "train" and i in grams}
+    if len(photos) < 4:
+        raise PipelineError(
+            f"train: {len(photos)} training photos have Gram vectors; need at least 4 (set "
+            "extract.gallery = 'train' or 'all', and check data.test_fraction)"
+        )
+    rows = queries.filter(pc.equal(queries["split"], "train")).to_pylist()
+    chosen = [Query(r["query_id"], r["image_id"], r["style"], r["path"], r["text"]) for r in rows
+              if r["image_id"] in photos and (r["path"] is None or r["query_id"] in grams)]
+    return chosen, photos, grams
+
+
+class TrainStage(Stage):
+    name = "train"
+    section = "train"
+    needs = ("prepare", "extract", "cluster")
+    views = (ViewSpec("train_history", "train", "history",
+                      "epoch INTEGER, loss DOUBLE, val_recall_at_1 DOUBLE"),)
+
+    def config_values(self, config: Config) -> dict[str, Any]:
+        return {"train": fingerprint_fields(config.train),
+                "model": fingerprint_fields(config.model)}
+
+    def notes(self, config: Config) -> str | None:
+        if not config.model.pretrained:
+            return (f"CLIP {config.model.arch}: seeded random init (model.pretrained is empty); "
+                    "set an open_clip pretrained tag or a checkpoint file for real weights")
+        return None
+
+    def plan(self, ctx: StageContext) -> list[PlannedUnit]:
+        return [PlannedUnit("model", {})]
+
+    def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        cfg, seed = ctx.config.train, ctx.config.run.seed
+        device = resolve_device(ctx.config.run.device)
+        queries, photos, grams = load_training_data(ctx)
+        val_photos = {i: p for i, p in photos.items()
+                      if stable_uniform(seed, f"val:{i}") < cfg.val_fraction}
+        if len(val_photos) < 2 or len(val_photos) > len(photos) - 2:
+            raise PipelineError(f"train: {len(val_photos)} of {len(photos)} training photos "
+                                "fall in the validation share; adjust train.val_fraction")
+        train_photos = {i: p for i, p in photos.items() if i not in val_photos}
+        train_queries = [q for q in queries if q.image_id in train_photos]
+        val_queries = [q for q in queries if q.image_id in val_photos]
+
+        centres = arrow_to_vectors(pq.read_table(ctx.input_path("cluster", "centres"))["centre"])
+        model, tokenizer = build_model(ctx.config, centres, device)
+        trainable, frozen = model.parameter_counts()
+        ctx.log.info("train: %d queries (%d validation), %s trainable / %s frozen parameters",
+                     len(train_queries), len(val_queries), f"{trainable:,}", f"{frozen:,}")
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                     lr=cfg.lr)
+        image_size = model.clip_image_size
+        max_pixels = ctx.config.data.max_image_pixels
+        out = ctx.out_dir / unit.key
+        out.mkdir(parents=True, exist_ok=True)
+        saved_config = to_dict(ctx.config)
+
+        def evaluate() -> dict[str, float]:
+            return validate(model, val_queries, val_photos, grams, tokenizer, image_size,
+                            max_pixels, device, cfg.amp, cfg.batch_size)
+
+        start = latest_checkpoint(out)
+        if start is None:  # epoch 0: the untrained prompts, the reference to beat
+            history = History()
+            self._end_epoch(ctx, unit, out, 0, {"loss": float("nan"), **evaluate()}, model,
+                            optimizer, history, saved_config)
+            start = 0
+        else:
+            history = load_checkpoint(out, start, model, optimizer)
+            ctx.log.info("train: resuming after epoch %d (best so far: epoch %d, R@1 %.3f)",
+                         start, history.best_epoch, history.best_score)
+        for epoch in range(start + 1, cfg.epochs + 1):
+            if history.bad_epochs >= cfg.patience:
+                ctx.log.info("train: early stop, no better validation R@1 for %d epochs",
+                             history.bad_epochs)
+                break
+            data = TripletData(train_queries, train_photos, grams, image_size, max_pixels,
+                               seed, epoch)
+            loader = triplet_batches(data, cfg.batch_size, cfg.num_workers,
+                                     pin_memory=device.type == "cuda")
+            with ctx.progress(f"train epoch {epoch}", len(data)) as advance:
+                loss = train_epoch(model, loader, optimizer, tokenizer, triplet_loss,
+                                   cfg.margin, device, cfg.amp, advance)
+            self._end_epoch(ctx, unit, out, epoch, {"loss": loss, **evaluate()}, model,
+                            optimizer, history, saved_config)
+        return self._result(out, model, history, trainable, frozen)
+
+    def _end_epoch(self, ctx: StageContext, unit: UnitRow, out, epoch: int,
+                   metrics: dict[str, float], model, optimizer, history: History,
+                   saved_config: dict) -> None:
+        best = history.update(epoch, metrics)
+        save_checkpoint(out, epoch, model, optimizer, history, saved_config)
+        prune_checkpoints(out, keep={epoch, history.best_epoch})
+        ctx.catalog.add_metrics(ctx.stage, unit.key, ctx.fingerprint, _epoch_metrics(
+            history.epochs[-1]))
+        ctx.log.info("train epoch %d: loss %.4f, validation R@1 %.3f%s", epoch,
+                     metrics["loss"], metrics["val_recall@1"], " (best)" if best else "")
+
+    def _result(self, out, model, history: History, trainable: int,
+                frozen: int) -> UnitResult:
+        best_weights, best_sidecar = checkpoint_paths(out, history.best_epoch)
+        model_path = out / "model.pt"
+        with atomic_path(model_path) as tmp:
+            shutil.copyfile(best_weights, tmp)
+        meta = {**json.loads(best_sidecar.read_text()), "best_epoch": history.best_epoch,
+                "trainable_parameters": trainable, "frozen_parameters": frozen}
+        with atomic_path(out / "model.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        table = pa.table({
+            "epoch": pa.array([e["epoch"] for e in history.epochs], pa.int32()),
+            "loss": pa.array([e["loss"] for e in history.epochs], pa.float64()),
+            "val_recall_at_1": pa.array([e["val_recall@1"] for e in history.epochs],
+                                        pa.float64()),
+        })
+        metrics = [m for e in history.epochs for m in _epoch_metrics(e)]
+        metrics += [MetricRecord("best_epoch", float(history.best_epoch)),
+                    MetricRecord("trainable_parameters", float(trainable)),
+                    MetricRecord("frozen_parameters", float(frozen))]
+        return UnitResult(
+            rows=len(history.epochs),
+            artifacts=[describe("model", model_path, None),
+                       describe("model_meta", out / "model.json", None),
+                       describe("history", write_parquet(table, out / "history.parquet"),
+                                len(table))],
+            metrics=metrics,
+        )
+
+
+def _epoch_metrics(epoch: dict[str, Any]) -> list[MetricRecord]:
+    labels = {"epoch": epoch["epoch"]}
+    records = [MetricRecord("loss", epoch["loss"], labels),
+               MetricRecord("val_recall@1", epoch["val_recall@1"], labels)]
+    for name, value in epoch.items():
+        if name.startswith("val_recall@1/"):
+            records.append(MetricRecord("val_recall@1", value,
+                                        {**labels, "style": name.split("/", 1)[1]}))
+    return records
