@@ -20,7 +20,8 @@ def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array(
             [], type=column.type)
-    flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    # A copy: Arrow buffers are read-only, and torch refuses (warns on) read-only arrays.
+    flat = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     if len(column) == 0:
         return flat.reshape(0, getattr(column.type, "list_size", 0))
     assert len(flat) % len(column) == 0, "rows of different lengths"
