@@ -1,0 +1,397 @@
+"""FAISS gallery index: plan, train on a sample, fill shard by shard, save, search, re-rank.
+
+Arrays in, arrays out (METHOD.md section 5). Every stored vector is float32 and L2-normalised,
+and the metric is inner product, so scores are cosines. Ids are the gallery's int64 image ids
+(-1 is FAISS's "no result" and never a real id).
+
+    plan = plan_index(n, d)                                 # "auto": Flat / IVF,Flat / IVF,PQ
+    index = train_index(plan, xt)                           # xt: rows picked by sample_ids
+    add_shard(index, ids, x)                                # once per embed shard, in order
+    save_index(index, path); index = load_index(path, expect_d=d, expect_ntotal=n)
+    D, I = search(index, xq, k=100, nprobe=32)              # short list from the codes
+    D, I = rerank(xq, I, lookup, k=10)                      # exact cosines from float vectors
+    knn_recall(I, I_exact, k_at=10, r=10)                   # 10-recall@10 against brute force
+
+The index structure is a FAISS factory string; `plan_index` picks one from the gallery size and
+a memory budget and says why in `IndexPlan.reason` (the stage logs it and stores the plan).
+"""
+
+# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (STYLE.md field vocabulary)
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+# Below this many vectors exact search is cheap (10k x 512 floats = 20 MB) and needs no training.
+FLAT_BELOW = 10_000
+# Below this, IVF with full vectors: PQ would save little memory, and a PQ trained on fewer points
+# than ~40 per centroid of every sub-quantizer at the larger nlist is poor.
+IVF_FLAT_BELOW = 50_000
+# FAISS k-means uses at most 256 points per centroid and warns below 39.
+MAX_POINTS_PER_CENTROID = 256
+MIN_POINTS_PER_CENTROID = 39
+# Code sizes (bytes = m at 8 bits) and sub-vector sizes the GPU IVFPQ kernels support;
+# `plan_index` prefers an m in both so that `use_gpu` works on the planned index.
+GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+GPU_PQ_SUBDIM = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
+# Rough per-entry cost of IndexIDMap2 (id array + reverse hash map), for memory estimates.
+IDMAP2_BYTES = 40
+# FAISS's distance for a missing result under inner product (-FLT_MAX); `rerank` uses it too.
+MISSING_SCORE = float(np.finfo(np.float32).min)
+# Tolerance of the unit-norm check on gallery vectors (float16 storage rounds norms by ~1e-3).
+NORM_TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """A FAISS factory string for n vectors of d dims and what it implies (0 = not used)."""
+
+    n: int
+    d: int
+    factory: str
+    nlist: int
+    pq_m: int
+    nbits: int
+    train_size: int
+    estimated_bytes: int
+    reason: str
+
+
+def _gib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def _auto_nlist(n: int) -> int:
+    """4*sqrt(n) rounded up to a power of two (in [4, 8]*sqrt(n)), halved to keep 39 per list."""
+    nlist = 2 ** math.ceil(math.log2(max(1.0, 4 * math.sqrt(n))))
+    while nlist > 1 and MIN_POINTS_PER_CENTROID * nlist > n:
+        nlist //= 2
+    return nlist
+
+
+def _train_size(n: int, d: int, nlist: int, ksub: int, max_memory_bytes: int) -> int:
+    """min(n, 256 points per centroid), capped by memory but not below 39 per centroid."""
+    wanted = min(n, MAX_POINTS_PER_CENTROID * max(nlist, ksub))
+    floor = min(n, MIN_POINTS_PER_CENTROID * max(nlist, ksub))
+    return max(floor, min(wanted, max_memory_bytes // (4 * d)))
+
+
+def _train_note(train_size: int, n: int, nlist: int) -> str:
+    capped = "" if train_size >= min(n, MAX_POINTS_PER_CENTROID * nlist) else ", memory-capped"
+    return f"train on {train_size} ({train_size // nlist} per centroid{capped})"
+
+
+def _pq_bytes(n: int, d: int, nlist: int, m: int) -> int:
+    # codes + 8-byte ids + coarse centroids + PQ centroids (no precomputed tables under IP).
+    return n * (m + 8) + nlist * d * 4 + 256 * d * 4
+
+
+def _choose_pq_m(n: int, d: int, nlist: int, max_memory_bytes: int) -> tuple[int, str]:
+    """Largest m <= d/4 dividing d whose codes fit, GPU-supported sizes first."""
+    cap = max(1, d // 4)
+    divisors = [m for m in range(cap, 0, -1) if d % m == 0]
+    gpu_ok = [m for m in divisors if m in GPU_PQ_M and d // m in GPU_PQ_SUBDIM]
+    for candidates, note in ((gpu_ok, "GPU-supported "), (divisors, "")):
+        for m in candidates:
+            if _pq_bytes(n, d, nlist, m) <= max_memory_bytes:
+                return m, note
+    raise ValueError(
+        f"{n} vectors of dimension {d} do not fit in max_memory_bytes={max_memory_bytes} even with "
+        "1-byte PQ codes; raise the index memory budget"
+    )
+
+
+def plan_index(
+    n: int, d: int, factory: str = "auto", max_memory_bytes: int = 4 << 30
+) -> IndexPlan:
+    """Index structure for n unit vectors of d dims (inner product): "auto" or a factory string."""
+    if n < 1 or d < 1:
+        raise ValueError(f"an index needs n >= 1 vectors of d >= 1 dims; got n={n}, d={d}")
+    if factory != "auto":
+        return _plan_given(n, d, factory, max_memory_bytes)
+    budget = f"max_memory_bytes={_gib(max_memory_bytes)}"
+    flat_bytes = n * (4 * d + 8 + IDMAP2_BYTES)
+    if n < FLAT_BELOW and flat_bytes <= max_memory_bytes:
+        reason = (f"n={n} < {FLAT_BELOW}: exact search over float vectors (Flat, ids kept by "
+                  f"IDMap2), no training; {_gib(flat_bytes)}")
+        return IndexPlan(n, d, "Flat", 0, 0, 0, 0, flat_bytes, reason)
+    nlist = _auto_nlist(n)
+    coarse = (f"IVF{nlist} (4*sqrt(n)={4 * math.sqrt(n):.0f} rounded up to a power of two, "
+              f"at least {MIN_POINTS_PER_CENTROID} points per centroid)")
+    ivf_flat_bytes = n * (4 * d + 8) + nlist * d * 4
+    if n < IVF_FLAT_BELOW and ivf_flat_bytes <= max_memory_bytes:
+        train_size = _train_size(n, d, nlist, 0, max_memory_bytes)
+        reason = (f"n={n} < {IVF_FLAT_BELOW}: {coarse} over full float vectors; "
+                  f"{_train_note(train_size, n, nlist)}; {_gib(ivf_flat_bytes)}")
+        return IndexPlan(n, d, f"IVF{nlist},Flat", nlist, 0, 0, train_size, ivf_flat_bytes,
+                         reason)
+    if n < MAX_POINTS_PER_CENTROID:
+        raise ValueError(f"n={n} vectors of dimension {d} do not fit in {budget} as float vectors, "
+                         "and too few to train 8-bit PQ; raise the index memory budget")
+    m, note = _choose_pq_m(n, d, nlist, max_memory_bytes)
+    estimated = _pq_bytes(n, d, nlist, m)
+    train_size = _train_size(n, d, nlist, 256, max_memory_bytes)
+    reason = (f"n={n}: {coarse}; PQ{m}x8 ({m} bytes per vector, the largest {note}m <= d/4 "
+              f"dividing d={d} within {budget}); {_train_note(train_size, n, nlist)}; "
+              f"{_gib(estimated)}")
+    return IndexPlan(n, d, f"IVF{nlist},PQ{m}", nlist, m, 8, train_size, estimated, reason)
+
+
+def _plan_given(n: int, d: int, factory: str, max_memory_bytes: int) -> IndexPlan:
+    try:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as error:
+        message = str(error).strip().splitlines()[-1]
+        raise ValueError(
+            f"index factory string {factory!r} is not valid for d={d}: {message}") from error
+    ivf = faiss.try_extract_index_ivf(index)
+    nlist = ivf.nlist if ivf is not None else 0
+    pq = getattr(faiss.downcast_index(ivf if ivf is not None else index), "pq", None)
+    m, nbits = (pq.M, pq.nbits) if pq is not None else (0, 0)
+    if nlist > n:
+        raise ValueError(f"index factory string {factory!r} has {nlist} lists but the gallery has "
+                         f"only {n} vectors to train them; use fewer lists or 'auto'")
+    if ivf is not None:
+        code_bytes = n * (ivf.code_size + 8) + nlist * d * 4 + (2**nbits * d * 4 if pq else 0)
+    else:
+        code_bytes = n * (index.sa_code_size() + 8 + IDMAP2_BYTES)
+    train_size = 0 if index.is_trained else _train_size(
+        n, d, nlist, 2**nbits if pq else 0, max_memory_bytes)
+    notes = [f"given factory {factory!r}"]
+    if train_size and nlist and train_size < MIN_POINTS_PER_CENTROID * nlist:
+        notes.append(f"only {train_size // nlist} training points per centroid "
+                     f"(FAISS wants >= {MIN_POINTS_PER_CENTROID})")
+    if code_bytes > max_memory_bytes:
+        notes.append(f"estimate exceeds max_memory_bytes={_gib(max_memory_bytes)}")
+    notes.append(f"train on {train_size}" if train_size else "no training")
+    reason = "; ".join(notes) + f"; {_gib(code_bytes)}"
+    return IndexPlan(n, d, factory, nlist, m, nbits, train_size, code_bytes, reason)
+
+
+def sample_ids(ids: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """A seeded uniform sample of `size` ids without replacement, in their original order."""
+    ids = np.asarray(ids)
+    if size < 0:
+        raise ValueError(f"sample size must be >= 0; got {size}")
+    if size >= len(ids):
+        return ids.copy()
+    rows = np.random.default_rng(seed).choice(len(ids), size=size, replace=False)
+    # Original order keeps reads of the sampled rows sequential over the shards.
+    return ids[np.sort(rows)]
+
+
+def _vectors(name: str, x: np.ndarray, d: int, unit: bool) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"{name} must be a (n, {d}) array; got shape {x.shape}")
+    if unit and len(x):
+        worst = float(np.abs(np.linalg.norm(x, axis=1) - 1.0).max())
+        if worst > NORM_TOLERANCE:
+            raise ValueError(f"{name} rows must be L2-normalised (inner product = cosine); "
+                             f"the largest |norm - 1| is {worst:.3g}")
+    return x
+
+
+def _is_gpu(index: faiss.Index) -> bool:
+    return type(index).__name__.startswith("Gpu") or isinstance(
+        index, (faiss.IndexReplicas, faiss.IndexShards))
+
+
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    """The index itself if it lives on the CPU, else a CPU copy (for saving)."""
+    return faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """A copy on all visible GPUs (PQ lookup tables in float16, which large m needs)."""
+    if faiss.get_num_gpus() == 0:
+        raise RuntimeError("no GPU visible to faiss (install faiss-gpu and check CUDA)")
+    options = faiss.GpuMultipleClonerOptions()
+    ivf = faiss.try_extract_index_ivf(index)
+    options.useFloat16 = ivf is not None and hasattr(faiss.downcast_index(ivf), "pq")
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def train_index(plan: IndexPlan, xt: np.ndarray, use_gpu: bool = False) -> faiss.Index:
+    """An empty index built from the plan and trained on xt; accepts add_with_ids.
+
+    IVF indexes take ids natively; anything else is wrapped in IndexIDMap2. With `use_gpu` and a
+    GPU visible to faiss, an IVF index is trained (and later filled and searched) on the GPU;
+    `save_index` copies it back to the CPU.
+    """
+    index = faiss.index_factory(plan.d, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    base = faiss.downcast_index(ivf if ivf is not None else index)
+    if hasattr(base, "do_polysemous_training"):
+        # index_factory turns it on for PQ; it only serves Hamming pre-filtering, which
+        # `search` never uses, and it was most of the training time.
+        base.do_polysemous_training = False
+    if not index.is_trained:
+        xt = _vectors("xt", xt, plan.d, unit=True)
+        if len(xt) < max(plan.nlist, 1):
+            raise ValueError(f"training {plan.factory!r} needs at least {plan.nlist} vectors; "
+                             f"got {len(xt)}")
+        if use_gpu and ivf is not None and faiss.get_num_gpus() > 0:
+            index = to_gpu(index)
+        index.train(xt)
+    if ivf is None and not isinstance(
+            faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.IndexIDMap2(index)
+    return index
+
+
+def add_shard(index: faiss.Index, ids: np.ndarray, x: np.ndarray) -> None:
+    """Add one shard: unit vectors x (n, d) under int64 ids (n,) >= 0."""
+    x = _vectors("x", x, index.d, unit=True)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.shape != (len(x),):
+        raise ValueError(f"ids must be a ({len(x)},) array matching x; got shape {ids.shape}")
+    if len(ids) and ids.min() < 0:
+        raise ValueError("ids must be >= 0 (-1 means 'no result' in FAISS)")
+    index.add_with_ids(x, ids)
+
+
+def save_index(index: faiss.Index, path: str | os.PathLike) -> Path:
+    """Write the index (a CPU copy) to path atomically: a temporary name, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        faiss.write_index(to_cpu(index), str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_index(
+    path: str | os.PathLike, expect_d: int | None = None, expect_ntotal: int | None = None
+) -> faiss.Index:
+    """Read an index written by save_index, checking dimension, size and metric."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no index at {path} (run the index stage first)")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as error:
+        raise ValueError(f"{path} is not a readable FAISS index: {error}") from error
+    if expect_d is not None and index.d != expect_d:
+        raise ValueError(f"index {path} has dimension {index.d}, expected {expect_d}")
+    if expect_ntotal is not None and index.ntotal != expect_ntotal:
+        raise ValueError(f"index {path} holds {index.ntotal} vectors, expected {expect_ntotal}")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(f"index {path} does not use the inner-product metric")
+    return index
+
+
+def _set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+    elif _is_gpu(index) and faiss.get_num_gpus() > 0:
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+
+
+def search(
+    index: faiss.Index, xq: np.ndarray, k: int, nprobe: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (D, I) by inner product, visiting nprobe lists (IVF only; GPU: k, nprobe <= 2048)."""
+    if k < 1 or nprobe < 1:
+        raise ValueError(f"k and nprobe must be >= 1; got k={k}, nprobe={nprobe}")
+    xq = _vectors("xq", xq, index.d, unit=False)
+    _set_nprobe(index, nprobe)
+    return index.search(xq, k)
+
+
+VectorLookup = Callable[[np.ndarray], np.ndarray] | Mapping[int, np.ndarray]
+
+
+def _fetch(lookup: VectorLookup, ids: np.ndarray, d: int) -> np.ndarray:
+    if callable(lookup):
+        xb = np.asarray(lookup(ids), dtype=np.float32)
+    else:
+        try:
+            xb = np.stack([np.asarray(lookup[int(i)], dtype=np.float32) for i in ids])
+        except KeyError as error:
+            raise KeyError(f"no stored vector for gallery id {error.args[0]}") from error
+    if xb.shape != (len(ids), d):
+        raise ValueError(f"lookup returned shape {xb.shape} for {len(ids)} ids; expected "
+                         f"({len(ids)}, {d})")
+    return xb
+
+
+def rerank(
+    xq: np.ndarray, I: np.ndarray, lookup: VectorLookup, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact re-ranking of short lists I (nq, k') by xq . stored vector -> top-k (D, I).
+
+    `lookup` maps sorted unique ids (int64 array) to their float vectors (n, d), or is a
+    mapping id -> vector. Ties keep short-list order; -1 entries (and padding when k > k') come
+    last with D = -FLT_MAX, as in FAISS.
+    """
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    I = np.asarray(I, dtype=np.int64)
+    if xq.ndim != 2:
+        raise ValueError(f"xq must be a (nq, d) array; got shape {xq.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    if I.ndim != 2 or len(I) != len(xq):
+        raise ValueError(f"I must be ({len(xq)}, k') for {len(xq)} queries; got {I.shape}")
+    nq, width = I.shape
+    D_out = np.full((nq, k), MISSING_SCORE, dtype=np.float32)
+    I_out = np.full((nq, k), -1, dtype=np.int64)
+    ids = np.unique(I[I >= 0])
+    if ids.size == 0:
+        return D_out, I_out
+    xb = _fetch(lookup, ids, xq.shape[1])
+    rows = np.searchsorted(ids, np.maximum(I, ids[0]))
+    keep = min(k, width)
+    # Blocks of queries keep the gathered (block, k', d) array near 16 MB.
+    block = max(1, (1 << 22) // max(1, width * xq.shape[1]))
+    for start in range(0, nq, block):
+        stop = min(nq, start + block)
+        scores = np.einsum("qd,qwd->qw", xq[start:stop], xb[rows[start:stop]])
+        scores[I[start:stop] < 0] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+        top = np.take_along_axis(scores, order, axis=1)
+        missing = ~np.isfinite(top)
+        D_out[start:stop, :keep] = np.where(missing, MISSING_SCORE, top)
+        I_out[start:stop, :keep] = np.where(missing, -1, np.take_along_axis(
+            I[start:stop], order, axis=1))
+    return D_out, I_out
+
+
+def knn_recall(I_approx: np.ndarray, I_exact: np.ndarray, k_at: int, r: int) -> float:
+    """R-recall@k (FAISS convention): mean fraction of the top-r exact ids found in the top-k_at.
+
+    r=1, k_at=1 is "1-recall@1"; r=k_at=10 is "10-recall@10" (FAISS's 10-intersection@10).
+    -1 entries never match; queries are averaged with denominator min(r, valid exact ids).
+    """
+    I_approx = np.asarray(I_approx)
+    I_exact = np.asarray(I_exact)
+    if I_approx.ndim != 2 or I_exact.ndim != 2 or len(I_approx) != len(I_exact):
+        raise ValueError(f"I_approx {I_approx.shape} and I_exact {I_exact.shape} must be "
+                         "(nq, k) arrays with the same nq")
+    if not 1 <= k_at <= I_approx.shape[1] or not 1 <= r <= I_exact.shape[1]:
+        raise ValueError(f"need 1 <= k_at <= {I_approx.shape[1]} and 1 <= r <= "
+                         f"{I_exact.shape[1]}; got k_at={k_at}, r={r}")
+    exact = I_exact[:, :r]
+    valid = exact >= 0
+    found = np.empty(len(exact), dtype=np.int64)
+    block = max(1, (1 << 24) // (k_at * r))  # the (block, k_at, r) comparison stays ~16 MB
+    for start in range(0, len(exact), block):
+        rows = slice(start, start + block)
+        match = (I_approx[rows, :k_at, None] == exact[rows, None, :]).any(axis=1)
+        found[rows] = (match & valid[rows]).sum(axis=1)
+    counts = valid.sum(axis=1)
+    scored = counts > 0
+    if not scored.any():
+        raise ValueError("I_exact has no valid ids to recall")
+    return float((found[scored] / counts[scored]).mean())
