@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
@@ -163,7 +164,9 @@ class TrainStage(Stage):
         model_path = out / "model.pt"
         with atomic_path(model_path) as tmp:
             shutil.copyfile(best_weights, tmp)
-        meta = {**json.loads(best_sidecar.read_text()), "best_epoch": history.best_epoch,
+        # The best checkpoint's sidecar holds the history up to that epoch; record all of it.
+        meta = {**json.loads(best_sidecar.read_text()), "history": asdict(history),
+                "best_epoch": history.best_epoch,
                 "trainable_parameters": trainable, "frozen_parameters": frozen}
         with atomic_path(out / "model.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
