@@ -3,8 +3,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# torch and faiss both load an OpenMP runtime; busy-waiting threads of one slow the other
+# several-fold on 2 cores. Must be set before either is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
