@@ -57,7 +57,16 @@ def collate(samples: list[tuple[ImageItem, torch.Tensor | str]]) -> Batch:
 
 def iter_batches(items: Sequence[ImageItem], image_size: int, max_pixels: int,
                  batch_size: int, num_workers: int, pin_memory: bool = False) -> Iterator[Batch]:
-    """Batches in item order; decoding runs in `num_workers` processes (0 = in this one)."""
+    """Batches in item order; decoding runs in `num_workers` processes (0 = in this one).
+
+    A single batch is decoded in this process whatever `num_workers` says: the caller waits
+    for it either way, so workers could overlap nothing and only add their start-up (fork of
+    a process holding the models, ~0.06-0.15 s) and the shared-memory copy; with the demo's
+    40-photo shards and embed batches of 64 that tripled the loading time per shard
+    (docs/benchmarks.md).
+    """
+    if len(items) <= batch_size:
+        num_workers = 0
     loader = DataLoader(
         ImageItems(items, image_size, max_pixels),
         batch_size=batch_size,
