@@ -337,6 +337,12 @@ class Catalog:
         )
         return [r[0] for r in rows]
 
+    def artifact_rows(self, stage: str, fingerprint: str, kind: str) -> list[tuple[str, str, int]]:
+        """(unit_key, path, rows) of the files of one kind a stage's plan wrote, in unit order."""
+        return [tuple(r) for r in self.rows(
+            "SELECT unit_key, path, coalesce(rows, 0) FROM artifacts WHERE stage = ? AND "
+            "fingerprint = ? AND kind = ? ORDER BY unit_key, path", [stage, fingerprint, kind])]
+
     def failed_items(self, stage: str, fingerprint: str, item_kind: str) -> set[int]:
         rows = self.rows(
             "SELECT item_id FROM item_failures WHERE stage = ? AND fingerprint = ? "

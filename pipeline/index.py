@@ -29,6 +29,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from pipeline.artifacts import atomic_path
+
 # Below this many vectors exact search is cheap (10k x 512 floats = 20 MB) and needs no training.
 FLAT_BELOW = 10_000
 # Below this, IVF with full vectors: PQ would save little memory, and a PQ trained on fewer points
@@ -261,13 +263,8 @@ def add_shard(index: faiss.Index, ids: np.ndarray, x: np.ndarray) -> None:
 def save_index(index: faiss.Index, path: str | os.PathLike) -> Path:
     """Write the index (a CPU copy) to path atomically: a temporary name, then os.replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         faiss.write_index(to_cpu(index), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -336,10 +333,18 @@ def rerank(
     mapping id -> vector. Ties keep short-list order; -1 entries (and padding when k > k') come
     last with D = -FLT_MAX, as in FAISS.
     """
-    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    return _exact_top_k([xq], I, lookup, k)
+
+
+def _exact_top_k(
+    xqs: list[np.ndarray], I: np.ndarray, lookup: VectorLookup, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each row of I by the max over `xqs` of the exact inner products."""
+    xqs = [np.ascontiguousarray(x, dtype=np.float32) for x in xqs]
+    xq = xqs[0]
     I = np.asarray(I, dtype=np.int64)
-    if xq.ndim != 2:
-        raise ValueError(f"xq must be a (nq, d) array; got shape {xq.shape}")
+    if xq.ndim != 2 or any(x.shape != xq.shape for x in xqs):
+        raise ValueError(f"query arrays must be (nq, d) and alike; got {[x.shape for x in xqs]}")
     if k < 1:
         raise ValueError(f"k must be >= 1; got {k}")
     if I.ndim != 2 or len(I) != len(xq):
@@ -357,7 +362,10 @@ def rerank(
     block = max(1, (1 << 22) // max(1, width * xq.shape[1]))
     for start in range(0, nq, block):
         stop = min(nq, start + block)
-        scores = np.einsum("qd,qwd->qw", xq[start:stop], xb[rows[start:stop]])
+        gathered = xb[rows[start:stop]]
+        scores = np.einsum("qd,qwd->qw", xqs[0][start:stop], gathered)
+        for other in xqs[1:]:
+            scores = np.maximum(scores, np.einsum("qd,qwd->qw", other[start:stop], gathered))
         scores[I[start:stop] < 0] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
         top = np.take_along_axis(scores, order, axis=1)
@@ -395,3 +403,36 @@ def knn_recall(I_approx: np.ndarray, I_exact: np.ndarray, k_at: int, r: int) -> 
     if not scored.any():
         raise ValueError("I_exact has no valid ids to recall")
     return float((found[scored] / counts[scored]).mean())
+
+
+def search_rerank(
+    index: faiss.Index, xq: np.ndarray, k: int, nprobe: int, rerank_k: int,
+    lookup: VectorLookup | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (D, I): the index's top max(k, rerank_k) re-ranked exactly, or plain top-k.
+
+    rerank_k = 0 (or no lookup) returns the index's own scores, which for PQ are approximate.
+    """
+    if rerank_k <= 0 or lookup is None:
+        return search(index, xq, k, nprobe)
+    _, I = search(index, xq, max(k, rerank_k), nprobe)
+    return rerank(xq, I, lookup, k)
+
+
+
+def search_fused_max(
+    index: faiss.Index, xa: np.ndarray, xb: np.ndarray, k: int, nprobe: int, short_k: int,
+    lookup: VectorLookup,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k gallery items by max(xa . v, xb . v): the authors' two-query `max` fusion.
+
+    Each query's short list of max(k, short_k) comes from the index; their union is scored
+    exactly from the stored vectors. With exact short lists this equals the max over the
+    whole gallery: an item in the fused top-k is in the top-k of one of the two queries.
+    """
+    width = max(k, short_k)
+    _, I_a = search(index, xa, width, nprobe)
+    _, I_b = search(index, xb, width, nprobe)
+    I = np.sort(np.concatenate([I_a, I_b], axis=1), axis=1)
+    I[:, 1:][I[:, 1:] == I[:, :-1]] = -1  # an id in both lists counts once
+    return _exact_top_k([xa, xb], I, lookup, k)
