@@ -86,10 +86,35 @@ def run_cmd(
     cfg = _setup(config, overrides, quiet)
     reports = commands.run(cfg, [target])
     _print_reports(reports)
-    if target in ("all", "cluster"):
+    recall = commands.recall_table(cfg) if target in ("all", "score") else None
+    if recall is not None and len(recall):
+        typer.echo(_render(_recall_view(recall)))
+        typer.echo(f"Again, or as data: fsr-pipe sql \"{commands.RECALL_SQL}\"")
+    if target in ("all", "cluster", "score"):
         console.print(f"\nResults in [bold]{cfg.work_dir}[/] (catalog: "
                       f"{cfg.work_dir / 'catalog.duckdb'}). Try:\n"
-                      f"  fsr-pipe sql \"{FIRST_SQL}\"", highlight=False)
+                      f"  fsr-pipe sql \"{FIRST_SQL}\"", highlight=False, soft_wrap=True)
+
+
+def _recall_view(result) -> Table:
+    """One row per (protocol, query set): Recall@K of FreestyleRet and the baseline per K."""
+    rows = result.to_pylist()
+    ks = sorted({r["k"] for r in rows})
+    table = Table("protocol", "queries", "fusion", "n",
+                  *[f"R@{k} {name}" for k in ks for name in ("FSR", "base")],
+                  title="Recall@K on the test split: FreestyleRet (FSR) vs CLIP without "
+                        "prompts (base)")
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["protocol"], r["style"], r["fusion"]), {})[r["k"]] = r
+    for (protocol, style, fusion), by_k in groups.items():
+        cells = []
+        for k in ks:
+            r = by_k.get(k, {})
+            cells += [_cell(r.get("freestyle")), _cell(r.get("baseline"))]
+        n = next(iter(by_k.values()))["queries"]
+        table.add_row(protocol, style, fusion, str(n), *cells)
+    return table
 
 
 @app.command("stage")

@@ -90,3 +90,21 @@ def sql(config: Config, query: str) -> pa.Table:
     """Run a query against the run's catalog (read-only)."""
     catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
     return catalog.query(query)
+
+
+# The FreestyleRet-vs-baseline Recall@K table that `fsr-pipe run all` prints.
+RECALL_SQL = (
+    "SELECT protocol, style, fusion, k, "
+    "max(value) FILTER (WHERE method = 'freestyle') AS freestyle, "
+    "max(value) FILTER (WHERE method = 'baseline') AS baseline, max(n_queries) AS queries "
+    "FROM retrieval_metrics WHERE metric = 'recall' GROUP BY ALL "
+    "ORDER BY protocol DESC, style, fusion, k"
+)
+
+
+def recall_table(config: Config) -> pa.Table | None:
+    """RECALL_SQL's result, or None when the score stage has not finished for this config."""
+    if not any(st.stage == "score" and st.planned and st.done and not st.pending
+               and not st.failed and not st.running for st in status(config)):
+        return None
+    return sql(config, RECALL_SQL)

@@ -179,6 +179,75 @@ class EmbedConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    # A FAISS factory string (e.g. "IVF4096,PQ64") or "auto": chosen from the gallery size,
+    # dimension and max_memory_mb, with the reason logged (pipeline/index.py, METHOD.md 5).
+    factory: str = "auto"
+    # Memory budget of the index itself (codes, ids, centroids) for "auto".
+    max_memory_mb: int = 4096
+    # Index recall against exact search, measured on this many gallery vectors used as
+    # queries (their own id left out), at each nprobe, without and with re-ranking.
+    check_queries: int = 1000
+    check_nprobe: tuple[int, ...] = (8, 32, 128)
+    check_rerank_k: int = 100
+    # Build on the GPU when run.device resolves to CUDA and faiss-gpu is installed.
+    use_gpu: bool = _run_only(True)
+    # A killed build resumes from its last checkpoint, written at most this often.
+    checkpoint_s: float = _run_only(60.0)
+
+    def validate(self) -> None:
+        _check(bool(self.factory), "index.factory", 'must be "auto" or a FAISS factory string')
+        _check(self.max_memory_mb >= 1, "index.max_memory_mb", "must be >= 1")
+        _check(self.check_queries >= 0, "index.check_queries", "must be >= 0 (0 = no check)")
+        _check(all(n >= 1 for n in self.check_nprobe), "index.check_nprobe",
+               "values must be >= 1")
+        _check(self.check_rerank_k >= 10, "index.check_rerank_k",
+               "must be >= 10 (10-recall@10 is measured)")
+        _check(self.checkpoint_s >= 0, "index.checkpoint_s", "must be >= 0")
+
+
+FUSED_PAIRS = ("sketch+text", "art+text", "lowres+text")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    # Recall@K cut-offs: the query's own photo in the top K.
+    ks: tuple[int, ...] = (1, 5, 10)
+    # Class-level mAP@map_k and P@map_k, where the dataset has class labels.
+    map_k: int = 200
+    # Gallery protocol: search through the index visiting nprobe lists, then re-rank the top
+    # rerank_k by exact cosine from the stored vectors (0 = no re-ranking).
+    nprobe: int = 32
+    rerank_k: int = 200
+    # Two-query searches "<style>+<style>"; both fusion rules are reported (METHOD.md 6).
+    fused: tuple[str, ...] = FUSED_PAIRS
+    fusions: tuple[Literal["max", "mean"], ...] = ("max", "mean")
+    # The authors' protocol: rank within consecutive batches of this many (query, photo) pairs.
+    batch_pairs: int = 24
+    # Top-k results kept per query in the results Parquet.
+    keep_k: int = 10
+    batch_size: int = _run_only(64)
+    num_workers: int = _run_only(1)
+    amp: Literal["auto", "bf16", "fp16", "off"] = _run_only("auto")
+
+    def validate(self) -> None:
+        _check(bool(self.ks) and all(k >= 1 for k in self.ks), "score.ks",
+               "must be a non-empty list of values >= 1")
+        _check(self.map_k >= 1, "score.map_k", "must be >= 1")
+        _check(self.nprobe >= 1, "score.nprobe", "must be >= 1")
+        _check(self.rerank_k >= 0, "score.rerank_k", "must be >= 0 (0 = no re-ranking)")
+        for pair in self.fused:
+            parts = pair.split("+")
+            _check(len(parts) == 2 and all(parts) and parts[0] != parts[1], "score.fused",
+                   f"{pair!r} is not '<style>+<style>' with two different styles, e.g. "
+                   "'sketch+text'")
+        _check(self.batch_pairs >= 2, "score.batch_pairs", "must be >= 2")
+        _check(self.keep_k >= 1, "score.keep_k", "must be >= 1")
+        _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
+        _check(self.num_workers >= 0, "score.num_workers", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,6 +256,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     # Directory relative paths in the file are resolved against (the config file's folder).
     base_dir: str = field(default=".", metadata={"fingerprint": False})
 

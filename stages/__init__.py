@@ -1,6 +1,4 @@
 """The pipeline's stages, in order. One module per stage; glue only.
-
-Later stages (index, score) join this tuple as they are built.
 """
 
 from __future__ import annotations
@@ -9,12 +7,14 @@ from pipeline.stage import Stage
 from stages.cluster import ClusterStage
 from stages.embed import EmbedStage
 from stages.extract import ExtractStage
+from stages.index import IndexStage
 from stages.ingest import IngestStage
 from stages.prepare import PrepareStage
+from stages.score import ScoreStage
 from stages.train import TrainStage
 
 
 def all_stages() -> tuple[Stage, ...]:
     """Fresh instances of every stage, in pipeline order."""
     return (IngestStage(), PrepareStage(), ExtractStage(), ClusterStage(), TrainStage(),
-            EmbedStage())
+            EmbedStage(), IndexStage(), ScoreStage())

@@ -32,13 +32,18 @@ from pipeline.training import autocast
 EMPTY = "image_id BIGINT, embedding FLOAT[]"
 
 
-def load_trained_model(config: Config, ctx: StageContext, device: torch.device):
-    """FreestyleRet with the train stage's best prompts and LayerNorms loaded."""
+def load_trained(config: Config, ctx: StageContext, device: torch.device):
+    """(FreestyleRet with the train stage's best prompts and LayerNorms loaded, tokenizer)."""
     centres = arrow_to_vectors(pq.read_table(ctx.input_path("cluster", "centres"))["centre"])
-    model, _ = build_model(config, centres, device)
+    model, tokenizer = build_model(config, centres, device)
     state = torch.load(ctx.input_path("train", "model"), map_location=device, weights_only=False)
     model.load_trainable_state_dict(state["model"])
-    return model.eval()
+    return model.eval(), tokenizer
+
+
+def load_trained_model(config: Config, ctx: StageContext, device: torch.device):
+    """FreestyleRet with the train stage's best prompts and LayerNorms loaded."""
+    return load_trained(config, ctx, device)[0]
 
 
 class EmbedStage(Stage):

@@ -1,0 +1,124 @@
+"""Stage `index`: a FAISS index over the gallery embeddings, one per method (METHOD.md 5).
+
+    fsr-pipe run index
+
+Units `freestyle` (the prompted embeddings) and, with `embed.baseline`, `baseline`. Each
+plans the index from the gallery size (`index.factory = "auto"`: Flat, IVF-Flat or IVF-PQ
+under `index.max_memory_mb`, the reason logged and stored), trains it once on a seeded
+sample of the gallery, adds the embed shards in order with their int64 image ids, and
+checkpoints so a killed build resumes without adding a shard twice or losing one
+(pipeline/index_build.py). It also writes the float vectors for exact re-ranking and
+records the index's recall against exact search as metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.artifacts import atomic_path, describe, write_parquet
+from pipeline.catalog import MetricRecord, UnitRow, ViewSpec
+from pipeline.config import Config, fingerprint_fields
+from pipeline.device import resolve_device
+from pipeline.index import plan_index
+from pipeline.index_build import Shard, VectorStore, build_index, check_recall, shard_dim
+from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
+
+# Unit key -> the embed artifact kind it indexes.
+METHOD_KINDS = {"freestyle": "embeddings", "baseline": "baseline_embeddings"}
+
+
+def embed_shards(ctx: StageContext, method: str) -> list[Shard]:
+    """The embed stage's shards of one method, in shard order."""
+    rows = ctx.catalog.artifact_rows("embed", ctx.inputs["embed"], METHOD_KINDS[method])
+    if not rows:
+        raise PipelineError(f"index: the embed stage wrote no {METHOD_KINDS[method]!r} files; "
+                            "run `fsr-pipe run embed` (and keep embed.baseline = true for the "
+                            "baseline index)")
+    return [Shard(key, path, count) for key, path, count in rows if count > 0]
+
+
+class IndexStage(Stage):
+    name = "index"
+    section = "index"
+    needs = ("embed",)
+    views = (ViewSpec("index_recall", "index", "recall",
+                      "method VARCHAR, factory VARCHAR, nprobe INTEGER, rerank_k INTEGER, "
+                      "recall_1_at_1 DOUBLE, recall_10_at_10 DOUBLE, queries_per_s DOUBLE, "
+                      "n_queries BIGINT"),)
+
+    def config_values(self, config: Config) -> dict[str, Any]:
+        # The stored vectors' precision is the embed stage's (already in its fingerprint).
+        return fingerprint_fields(config.index)
+
+    def plan(self, ctx: StageContext) -> list[PlannedUnit]:
+        methods = ["freestyle"] + (["baseline"] if ctx.config.embed.baseline else [])
+        return [PlannedUnit(m, {"kind": METHOD_KINDS[m]}) for m in methods]
+
+    def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        cfg, seed = ctx.config.index, ctx.config.run.seed
+        shards = embed_shards(ctx, unit.key)
+        n, d = sum(s.rows for s in shards), shard_dim(shards[0])
+        try:
+            plan = plan_index(n, d, cfg.factory, cfg.max_memory_mb << 20)
+        except ValueError as error:
+            raise PipelineError(f"index {unit.key}: {error} (index.factory = {cfg.factory!r}, "
+                                f"index.max_memory_mb = {cfg.max_memory_mb})") from error
+        ctx.log.info("index %s: %s -- %s", unit.key, plan.factory, plan.reason)
+        use_gpu = cfg.use_gpu and resolve_device(ctx.config.run.device).type == "cuda"
+        out = ctx.out_dir / unit.key
+
+        with ctx.progress(f"index {unit.key}: sample", len(shards)) as sampled, \
+                ctx.progress(f"index {unit.key}: add", n) as added:
+            ticks = {"sample": sampled, "add": added}
+            build = build_index(shards, plan, out, seed, ctx.config.embed.dtype, use_gpu,
+                                cfg.checkpoint_s, lambda phase, k: ticks[phase](k))
+        if build.resumed_shards:
+            ctx.log.info("index %s: resumed with %d shard(s) already in the checkpoint",
+                         unit.key, build.resumed_shards)
+        store = VectorStore.open(build.vectors_path)
+        recall = check_recall(build.index, store, cfg.check_queries, seed, cfg.check_nprobe,
+                              cfg.check_rerank_k)
+        for row in recall:
+            ctx.log.info("index %s: nprobe %d, rerank %d: 1-recall@1 %.3f, 10-recall@10 %.3f, "
+                         "%.0f queries/s", unit.key, row.nprobe, row.rerank_k,
+                         row.recall_1_at_1, row.recall_10_at_10, row.queries_per_s)
+
+        plan_path = out / "plan.json"
+        with atomic_path(plan_path) as tmp:
+            tmp.write_text(json.dumps({**plan.__dict__, "method": unit.key}, indent=2))
+        recall_table = _recall_table(unit.key, plan.factory, recall)
+        artifacts = [
+            describe("trained_index", build.trained_path, 0),
+            describe("index", build.index_path, n),
+            describe("vectors", build.vectors_path, n),
+            describe("vector_ids", build.vectors_path.with_name("ids.npy"), n),
+            describe("plan", plan_path, None),
+            describe("recall", write_parquet(recall_table, out / "recall.parquet"),
+                     len(recall_table)),
+        ]
+        metrics = [MetricRecord("train_seconds", build.train_seconds),
+                   MetricRecord("add_seconds", build.add_seconds),
+                   MetricRecord("index_bytes", float(build.index_path.stat().st_size)),
+                   MetricRecord("estimated_bytes", float(plan.estimated_bytes))]
+        for row in recall:
+            labels = {"nprobe": row.nprobe, "rerank_k": row.rerank_k}
+            metrics += [MetricRecord("1-recall@1", row.recall_1_at_1, labels),
+                        MetricRecord("10-recall@10", row.recall_10_at_10, labels),
+                        MetricRecord("queries_per_s", row.queries_per_s, labels)]
+        return UnitResult(rows=n, artifacts=artifacts, metrics=metrics)
+
+
+def _recall_table(method: str, factory: str, recall: list) -> pa.Table:
+    return pa.table({
+        "method": pa.array([method] * len(recall), pa.string()),
+        "factory": pa.array([factory] * len(recall), pa.string()),
+        "nprobe": pa.array([r.nprobe for r in recall], pa.int32()),
+        "rerank_k": pa.array([r.rerank_k for r in recall], pa.int32()),
+        "recall_1_at_1": pa.array([r.recall_1_at_1 for r in recall], pa.float64()),
+        "recall_10_at_10": pa.array([r.recall_10_at_10 for r in recall], pa.float64()),
+        "queries_per_s": pa.array([r.queries_per_s for r in recall], pa.float64()),
+        "n_queries": pa.array([r.n_queries for r in recall], pa.int64()),
+    })

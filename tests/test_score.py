@@ -1,0 +1,211 @@
+"""Stages index and score on the tiny demo: `run all` end to end, the metrics against an
+independent brute-force computation, views, the printed table, fusion, IVF, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO_ROOT, write_tiny_config
+
+from pipeline import commands
+from pipeline.catalog import Catalog
+from pipeline.config import load_config
+
+ITEMS = 24
+STYLES = {"text", "sketch", "art", "lowres"}
+FUSED = {"sketch+text", "art+text", "lowres+text"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("score")
+    path = write_tiny_config(directory, directory / "run", items=ITEMS,
+                             extra="\n[index]\ncheck_queries = 20\n")
+    reports = commands.run(load_config(path), ["all"], progress=False)
+    assert {r.stage: r.ran for r in reports}["score"] == 2
+    return path
+
+
+def rows(config, sql: str) -> list[tuple]:
+    return Catalog.in_dir(config.work_dir).rows(sql)
+
+
+def vectors(config, view: str, id_column: str, where: str = "") -> dict[int, np.ndarray]:
+    return {i: np.asarray(v, dtype=np.float32)
+            for i, v in rows(config, f"SELECT {id_column}, embedding FROM {view} {where}")}
+
+
+def test_run_all_scores_every_style_fusion_and_protocol(finished) -> None:
+    config = load_config(finished)
+    got = rows(config, "SELECT method, style, protocol, fusion, k FROM retrieval_metrics "
+                       "WHERE metric = 'recall'")
+    expected = {(m, s, p, "none", k) for m in ("freestyle", "baseline") for s in STYLES
+                for p in ("gallery", "batch") for k in (1, 5, 10)}
+    expected |= {(m, s, p, f, k) for m in ("freestyle", "baseline") for s in FUSED
+                 for p in ("gallery", "batch") for f in ("max", "mean") for k in (1, 5, 10)}
+    assert set(got) == expected and len(got) == len(expected)
+    values = rows(config, "SELECT metric, value FROM retrieval_metrics")
+    assert all(0.0 <= v <= 1.0 for _, v in values)
+    # The demo knows every photo's class: mAP@200 and P@200 on the gallery protocol.
+    class_rows = rows(config, "SELECT DISTINCT metric, k, protocol FROM retrieval_metrics "
+                              "WHERE metric <> 'recall'")
+    assert set(class_rows) == {("map", 200, "gallery"), ("precision", 200, "gallery")}
+    # Recall@K grows with K.
+    for method, style, protocol, fusion in rows(
+            config, "SELECT DISTINCT method, style, protocol, fusion FROM retrieval_metrics"):
+        recall = [v for (v,) in rows(config, (
+            "SELECT value FROM retrieval_metrics WHERE metric = 'recall' AND "
+            f"method = '{method}' AND style = '{style}' AND protocol = '{protocol}' AND "
+            f"fusion = '{fusion}' ORDER BY k"))]
+        assert recall == sorted(recall)
+
+
+def test_gallery_recall_matches_brute_force(finished) -> None:
+    """Recompute Recall@K from the stored embeddings, without any project search code."""
+    config = load_config(finished)
+    for method, gallery_view in (("freestyle", "gallery_embeddings"),
+                                 ("baseline", "baseline_embeddings")):
+        gallery = vectors(config, gallery_view, "image_id")
+        ids = np.array(list(gallery))
+        xb = np.stack(list(gallery.values()))
+        queries = vectors(config, "query_embeddings", "query_id", f"WHERE method = '{method}'")
+        test = rows(config, "SELECT query_id, image_id, style FROM queries WHERE split = 'test'")
+        by_style: dict[str, list[int]] = {}
+        for query_id, target, style in test:
+            sim = xb @ queries[query_id]  # one product, so the target's score rounds alike
+            rank = 1 + int(np.sum(sim > sim[ids == target][0]))
+            by_style.setdefault(style, []).append(rank)
+        for style, ranks in by_style.items():
+            stored = dict(rows(config, (
+                "SELECT k, value FROM retrieval_metrics WHERE metric = 'recall' AND "
+                f"protocol = 'gallery' AND fusion = 'none' AND method = '{method}' AND "
+                f"style = '{style}'")))
+            for k in (1, 5, 10):
+                assert stored[k] == pytest.approx(np.mean(np.array(ranks) <= k)), (method, style)
+        assert ids.size == ITEMS
+
+
+def test_fused_queries_follow_their_rules(finished) -> None:
+    config = load_config(finished)
+    queries = vectors(config, "query_embeddings", "query_id", "WHERE method = 'freestyle'")
+    gallery = vectors(config, "gallery_embeddings", "image_id")
+    ids = np.array(list(gallery))
+    xb = np.stack(list(gallery.values()))
+    results = rows(config, "SELECT query_id, partner_id, fusion, list(image_id ORDER BY rank) "
+                           "FROM search_results WHERE method = 'freestyle' AND style = "
+                           "'sketch+text' GROUP BY ALL")
+    assert {f for _, _, f, _ in results} == {"max", "mean"}
+    for query_id, partner_id, fusion, top in results:
+        a, b = queries[query_id], queries[partner_id]
+        if fusion == "max":
+            sim = np.maximum(xb @ a, xb @ b)
+        else:
+            mean = (a + b) / np.linalg.norm(a + b)
+            sim = xb @ mean
+        assert top == ids[np.argsort(-sim, kind="stable")[:len(top)]].tolist(), fusion
+    # Partners are the text query of the same photo.
+    pairs = rows(config, "SELECT DISTINCT r.query_id, r.partner_id, a.image_id, b.image_id, "
+                         "b.style FROM search_results r JOIN queries a ON a.query_id = r.query_id "
+                         "JOIN queries b ON b.query_id = r.partner_id "
+                         "WHERE r.style = 'sketch+text'")
+    assert pairs and all(t1 == t2 and style == "text" for _, _, t1, t2, style in pairs)
+
+
+def test_query_ranks_agree_with_metrics_and_batch_ranks_stay_in_batches(finished) -> None:
+    config = load_config(finished)
+    mismatched = rows(config, """
+        SELECT m.method, m.style, m.protocol, m.fusion, m.k, m.value, r.recall
+        FROM retrieval_metrics m JOIN (
+            SELECT method, style, protocol, fusion, k,
+                   avg(CASE WHEN rank IS NOT NULL AND rank <= k THEN 1 ELSE 0 END) AS recall
+            FROM query_ranks, (SELECT unnest([1, 5, 10]) AS k) GROUP BY ALL
+        ) r USING (method, style, protocol, fusion, k)
+        WHERE m.metric = 'recall' AND abs(m.value - r.recall) > 1e-9""")
+    assert mismatched == []
+    assert rows(config, "SELECT max(rank) <= 24 FROM query_ranks WHERE protocol = 'batch'") == [
+        (True,)]
+
+
+def test_index_stage_records_plan_and_recall(finished) -> None:
+    config = load_config(finished)
+    recall = rows(config, "SELECT method, factory, nprobe, rerank_k, recall_1_at_1, "
+                          "recall_10_at_10, n_queries FROM index_recall ORDER BY ALL")
+    # 24 photos: "auto" plans exact search, so the index finds exactly what brute force does.
+    assert [r[:4] for r in recall] == [("baseline", "Flat", 0, 0), ("baseline", "Flat", 0, 24),
+                                       ("freestyle", "Flat", 0, 0), ("freestyle", "Flat", 0, 24)]
+    assert all(r[4] == 1.0 and r[5] == 1.0 and r[6] == 20 for r in recall)
+    names = {n for (n,) in rows(config, "SELECT DISTINCT name FROM current_metrics "
+                                        "WHERE stage = 'index'")}
+    assert {"1-recall@1", "10-recall@10", "train_seconds", "add_seconds", "index_bytes"} <= names
+    plan_file = Catalog.in_dir(config.work_dir).artifact_paths(
+        "index", commands.status(config)[-2].fingerprint, "plan", "freestyle")[0]
+    plan = json.loads(Path(plan_file).read_text())
+    assert plan["factory"] == "Flat" and plan["n"] == ITEMS and "exact search" in plan["reason"]
+
+
+def test_ivf_index_through_the_stages(finished) -> None:
+    """A given IVF factory: nprobe sweep in the recall rows; with all lists probed and exact
+    re-ranking, the scores equal the exact (Flat) run's."""
+    flat = load_config(finished)
+    config = load_config(finished, ["index.factory='IVF4,Flat'", "index.check_nprobe=[1, 4]",
+                                    "score.nprobe=4"])
+    reports = commands.run(config, ["score"], progress=False)
+    assert {r.stage: r.ran for r in reports} == {
+        "ingest": 0, "prepare": 0, "extract": 0, "cluster": 0, "train": 0, "embed": 0,
+        "index": 2, "score": 2}
+    got = rows(config, "SELECT DISTINCT factory, nprobe FROM index_recall ORDER BY ALL")
+    assert got == [("IVF4,Flat", 1), ("IVF4,Flat", 4)]
+    metric_sql = ("SELECT method, style, protocol, fusion, metric, k, value FROM "
+                  "retrieval_metrics ORDER BY ALL")
+    ivf = rows(config, metric_sql)
+    commands.run(flat, ["score"], progress=False)  # the Flat plan is current again
+    assert rows(flat, metric_sql) == ivf
+
+
+def test_score_is_deterministic_after_reset(finished) -> None:
+    config = load_config(finished)
+    commands.run(config, ["score"], progress=False)
+    fingerprint = commands.status(config)[-1].fingerprint
+    paths = Catalog.in_dir(config.work_dir).artifact_paths("score", fingerprint, "metrics")
+    before = [pq.read_table(p) for p in paths]
+    commands.reset(config, "score")
+    reports = commands.run(config, ["score"], progress=False)
+    assert reports[-1].ran == 2
+    after = [pq.read_table(p) for p in
+             Catalog.in_dir(config.work_dir).artifact_paths("score", fingerprint, "metrics")]
+    assert all(a.equals(b) for a, b in zip(before, after)) and len(after) == 2
+
+
+def test_cli_prints_the_recall_table_and_its_sql(finished) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "all", "--config",
+                           str(finished)], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout  # the table and its SQL; the run's report goes to stderr
+    assert "Nothing to do" in done.stderr
+    assert "Recall@K on the test split" in out and "R@1 FSR" in out and "R@10 base" in out
+    assert all(style in out for style in STYLES | FUSED)
+    assert commands.RECALL_SQL in out.replace("\n", "")
+    # The printed SQL runs and gives one row per protocol x query set x fusion x K.
+    config = load_config(finished)
+    table = commands.sql(config, commands.RECALL_SQL)
+    assert len(table) == 2 * (len(STYLES) + 2 * len(FUSED)) * 3
+    assert table["freestyle"].null_count == 0 and table["baseline"].null_count == 0
+
+
+def test_score_without_baseline(finished) -> None:
+    config = load_config(finished, ["embed.baseline=false"])
+    commands.run(config, ["score"], progress=False)
+    methods = rows(config, "SELECT DISTINCT method FROM retrieval_metrics")
+    assert methods == [("freestyle",)]
+    table = commands.sql(config, commands.RECALL_SQL)
+    assert table["baseline"].null_count == len(table)
+    commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
