@@ -129,13 +129,14 @@ class ScoreStage(Stage):
                 metric_rows += _recall_rows(method, qs, "gallery", gallery_ranks, cfg.ks)
                 if gallery_labels is not None and qs.labels is not None:
                     metric_rows += _class_rows(method, qs, I, gallery_labels, cfg.map_k)
+                pairs = _one_query_per_photo(qs)
                 batch_ranks = batch_protocol_ranks(
-                    qs.emb, store.lookup(qs.targets), cfg.batch_pairs,
-                    qs.emb_partner if qs.fusion == "max" else None)
-                metric_rows += _recall_rows(method, qs, "batch", batch_ranks, cfg.ks)
+                    pairs.emb, store.lookup(pairs.targets), cfg.batch_pairs,
+                    pairs.emb_partner if pairs.fusion == "max" else None)
+                metric_rows += _recall_rows(method, pairs, "batch", batch_ranks, cfg.ks)
                 result_parts.append(_results_table(method, qs, D, I, cfg.keep_k))
                 rank_parts.append(_ranks_table(method, qs, "gallery", gallery_ranks, depth))
-                rank_parts.append(_ranks_table(method, qs, "batch", batch_ranks, None))
+                rank_parts.append(_ranks_table(method, pairs, "batch", batch_ranks, None))
                 tick(len(qs.query_ids))
         search_seconds = time.monotonic() - started
         n_searched = sum(len(s.query_ids) for s in query_sets)
@@ -281,6 +282,22 @@ def _query_sets(queries: pa.Table, emb: dict[int, np.ndarray], cfg: ScoreConfig,
                 sets.append(QuerySet(pair, "mean", ids, partner_ids, targets, labels,
                                      fuse_mean(xa, xb)))
     return sets
+
+
+def _one_query_per_photo(qs: QuerySet) -> QuerySet:
+    """The set's first query (by id) per target photo: the batch protocol's (query, photo)
+    pairs. A batch holding two queries of one photo would hold that photo twice, and each
+    query would tie with the other's copy (datasets with several sketches per photo)."""
+    _, first = np.unique(qs.targets, return_index=True)
+    keep = np.sort(first)
+    if len(keep) == len(qs.targets):
+        return qs
+
+    def pick(x):
+        return None if x is None else x[keep]
+
+    return QuerySet(qs.style, qs.fusion, qs.query_ids[keep], pick(qs.partner_ids),
+                    qs.targets[keep], pick(qs.labels), qs.emb[keep], pick(qs.emb_partner))
 
 
 # ---------------------------------------------------------------- outputs

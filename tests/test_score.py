@@ -209,3 +209,17 @@ def test_score_without_baseline(finished) -> None:
     table = commands.sql(config, commands.RECALL_SQL)
     assert table["baseline"].null_count == len(table)
     commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
+
+
+def test_batch_protocol_keeps_one_query_per_photo() -> None:
+    from stages.score import QuerySet, _one_query_per_photo
+
+    emb = np.eye(5, dtype=np.float32)
+    qs = QuerySet("sketch", "none", np.array([10, 11, 12, 13, 14]), None,
+                  np.array([7, 8, 7, 9, 8]), np.array(list("abacb")), emb)
+    pairs = _one_query_per_photo(qs)
+    assert pairs.query_ids.tolist() == [10, 11, 13]
+    assert pairs.targets.tolist() == [7, 8, 9] and pairs.labels.tolist() == ["a", "b", "c"]
+    np.testing.assert_array_equal(pairs.emb, emb[[0, 1, 3]])
+    unique = QuerySet("text", "none", np.array([1, 2]), None, np.array([5, 6]), None, emb[:2])
+    assert _one_query_per_photo(unique) is unique
