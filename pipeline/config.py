@@ -199,10 +199,10 @@ class IndexConfig:
         _check(bool(self.factory), "index.factory", 'must be "auto" or a FAISS factory string')
         _check(self.max_memory_mb >= 1, "index.max_memory_mb", "must be >= 1")
         _check(self.check_queries >= 0, "index.check_queries", "must be >= 0 (0 = no check)")
-        _check(all(n >= 1 for n in self.check_nprobe), "index.check_nprobe",
-               "values must be >= 1")
-        _check(self.check_rerank_k >= 10, "index.check_rerank_k",
-               "must be >= 10 (10-recall@10 is measured)")
+        _check(bool(self.check_nprobe) and all(1 <= n <= 2048 for n in self.check_nprobe),
+               "index.check_nprobe", "must be a non-empty list of values in [1, 2048]")
+        _check(10 <= self.check_rerank_k <= 2048, "index.check_rerank_k",
+               "must be in [10, 2048] (10-recall@10 is measured; 2048 is FAISS's GPU limit)")
         _check(self.checkpoint_s >= 0, "index.checkpoint_s", "must be >= 0")
 
 
@@ -216,7 +216,8 @@ class ScoreConfig:
     # Class-level mAP@map_k and P@map_k, where the dataset has class labels.
     map_k: int = 200
     # Gallery protocol: search through the index visiting nprobe lists, then re-rank the top
-    # rerank_k by exact cosine from the stored vectors (0 = no re-ranking).
+    # rerank_k by exact cosine from the stored vectors (0 = no re-ranking; `max` fusion
+    # always scores the union of its two short lists exactly).
     nprobe: int = 32
     rerank_k: int = 200
     # Two-query searches "<style>+<style>"; both fusion rules are reported (METHOD.md 6).

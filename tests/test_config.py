@@ -33,6 +33,11 @@ def test_defaults_and_shipped_config_load(repo_root):
         ("[data]\nstyles = ['sketch', 'oil']\n", "data.styles: unknown style(s) ['oil']"),
         ("[data]\ntest_fraction = 1.5\n", "data.test_fraction: must be in [0, 1)"),
         ("run = 3\n", "[run] must be a table"),
+        ("[index]\ncheck_nprobe = []\n", "index.check_nprobe: must be a non-empty list"),
+        ("[index]\ncheck_rerank_k = 5\n", "index.check_rerank_k: must be in [10, 2048]"),
+        ("[score]\nfused = ['sketch']\n", "score.fused: 'sketch' is not '<style>+<style>'"),
+        ("[score]\nfusions = ['min']\n", "score.fusions[0]: got 'min', allowed"),
+        ("[score]\nks = []\n", "score.ks: must be a non-empty list"),
         ("[run\n", "invalid TOML"),
     ],
 )
