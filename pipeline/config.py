@@ -189,7 +189,7 @@ class IndexConfig:
     # queries (their own id left out), at each nprobe, without and with re-ranking.
     check_queries: int = 1000
     check_nprobe: tuple[int, ...] = (8, 32, 128)
-    check_rerank_k: int = 100
+    check_rerank_k: int = 200
     # Build on the GPU when run.device resolves to CUDA and faiss-gpu is installed.
     use_gpu: bool = _run_only(True)
     # A killed build resumes from its last checkpoint, written at most this often.

@@ -39,6 +39,11 @@ IVF_FLAT_BELOW = 50_000
 # FAISS k-means uses at most 256 points per centroid and warns below 39.
 MAX_POINTS_PER_CENTROID = 256
 MIN_POINTS_PER_CENTROID = 39
+# Auto plans train on at most 64 per centroid: k-means time grows with sample x nlist. At
+# 1M x 512-d (IVF4096) 256 per centroid means all 1M rows: ~11 min of k-means on 2 cores
+# (extrapolated from the measured ~60 GFLOP/s) and a 2 GiB sample, held twice while gathered;
+# 64 trained in 253 s on a loaded machine, build peak 1.27 GiB (benchmarks/index_scale.py).
+AUTO_POINTS_PER_CENTROID = 64
 # Code sizes (bytes = m at 8 bits) and sub-vector sizes the GPU IVFPQ kernels support;
 # `plan_index` prefers an m in both so that `use_gpu` works on the planned index.
 GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
@@ -78,16 +83,20 @@ def _auto_nlist(n: int) -> int:
     return nlist
 
 
-def _train_size(n: int, d: int, nlist: int, ksub: int, max_memory_bytes: int) -> int:
-    """min(n, 256 points per centroid), capped by memory but not below 39 per centroid."""
-    wanted = min(n, MAX_POINTS_PER_CENTROID * max(nlist, ksub))
+def _train_size(n: int, d: int, nlist: int, ksub: int, max_memory_bytes: int,
+                per_centroid: int = MAX_POINTS_PER_CENTROID) -> int:
+    """min(n, per_centroid points per centroid), capped by memory but not below 39 each."""
+    wanted = min(n, per_centroid * max(nlist, ksub))
     floor = min(n, MIN_POINTS_PER_CENTROID * max(nlist, ksub))
     return max(floor, min(wanted, max_memory_bytes // (4 * d)))
 
 
 def _train_note(train_size: int, n: int, nlist: int) -> str:
-    capped = "" if train_size >= min(n, MAX_POINTS_PER_CENTROID * nlist) else ", memory-capped"
-    return f"train on {train_size} ({train_size // nlist} per centroid{capped})"
+    if train_size >= n:
+        return f"train on all {n} ({n // nlist} per centroid)"
+    capped = ("" if train_size >= AUTO_POINTS_PER_CENTROID * nlist else ", memory-capped")
+    return (f"train on {train_size} ({train_size // nlist} per centroid{capped}; auto plans "
+            f"use at most {AUTO_POINTS_PER_CENTROID})")
 
 
 def _pq_bytes(n: int, d: int, nlist: int, m: int) -> int:
@@ -129,7 +138,7 @@ def plan_index(
               f"at least {MIN_POINTS_PER_CENTROID} points per centroid)")
     ivf_flat_bytes = n * (4 * d + 8) + nlist * d * 4
     if n < IVF_FLAT_BELOW and ivf_flat_bytes <= max_memory_bytes:
-        train_size = _train_size(n, d, nlist, 0, max_memory_bytes)
+        train_size = _train_size(n, d, nlist, 0, max_memory_bytes, AUTO_POINTS_PER_CENTROID)
         reason = (f"n={n} < {IVF_FLAT_BELOW}: {coarse} over full float vectors; "
                   f"{_train_note(train_size, n, nlist)}; {_gib(ivf_flat_bytes)}")
         return IndexPlan(n, d, f"IVF{nlist},Flat", nlist, 0, 0, train_size, ivf_flat_bytes,
@@ -139,7 +148,7 @@ def plan_index(
                          "and too few to train 8-bit PQ; raise the index memory budget")
     m, note = _choose_pq_m(n, d, nlist, max_memory_bytes)
     estimated = _pq_bytes(n, d, nlist, m)
-    train_size = _train_size(n, d, nlist, 256, max_memory_bytes)
+    train_size = _train_size(n, d, nlist, 256, max_memory_bytes, AUTO_POINTS_PER_CENTROID)
     reason = (f"n={n}: {coarse}; PQ{m}x8 ({m} bytes per vector, the largest {note}m <= d/4 "
               f"dividing d={d} within {budget}); {_train_note(train_size, n, nlist)}; "
               f"{_gib(estimated)}")

@@ -188,15 +188,16 @@ def _training_sample(shards: Sequence[Shard], size: int, seed: int,
     """The vectors of a seeded uniform sample of `size` rows of all shards, streamed."""
     n = sum(s.rows for s in shards)
     rows = sample_ids(np.arange(n, dtype=np.int64), size, seed)  # sorted row numbers
-    picked = []
+    xt = np.empty((len(rows), shard_dim(shards[0])), dtype=np.float32)  # held once, filled
+    filled = 0
     for shard, start in zip(shards, _offsets(shards)):
-        stop = start + shard.rows
-        mine = rows[(rows >= start) & (rows < stop)] - start
+        mine = rows[(rows >= start) & (rows < start + shard.rows)] - start
         if len(mine):
-            picked.append(read_shard(shard)[1][mine])
+            xt[filled:filled + len(mine)] = read_shard(shard)[1][mine]
+            filled += len(mine)
         on_shard(1)
-    d = picked[0].shape[1] if picked else 0
-    return np.concatenate(picked) if picked else np.zeros((0, d), np.float32)
+    assert filled == len(rows)
+    return xt
 
 
 def _save_npy(path: Path, x: np.ndarray) -> None:

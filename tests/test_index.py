@@ -104,9 +104,24 @@ def test_plan_medium_gallery() -> None:
 def test_plan_large_gallery() -> None:
     plan = plan_index(10_000_000, 512)
     assert (plan.factory, plan.nlist, plan.pq_m, plan.nbits) == ("IVF16384,PQ64", 16384, 64, 8)
-    # 256 per centroid would be 4.2M x 2 KiB = 8 GiB: capped at the 4 GiB budget (128 each).
-    assert plan.train_size == (4 << 30) // (512 * 4) == 128 * 16384
+    # Auto plans train on at most 64 per centroid: 1M x 2 KiB = 2 GiB, within the budget.
+    assert plan.train_size == index_module.AUTO_POINTS_PER_CENTROID * 16384 == 1 << 20
+    assert "64 per centroid; auto plans use at most 64" in plan.reason
     assert plan.estimated_bytes <= 4 << 30
+
+
+def test_plan_million_trains_on_64_per_centroid() -> None:
+    # The size of benchmarks/index_scale.py: 256 per centroid (all 1M rows) took ~11 min of
+    # k-means on 2 cores; 64 per centroid is a quarter of the work.
+    plan = plan_index(1_000_000, 512)
+    assert (plan.factory, plan.train_size) == ("IVF4096,PQ64", 64 * 4096)
+
+
+def test_plan_training_sample_is_memory_capped() -> None:
+    plan = plan_index(10_000_000, 512, max_memory_bytes=3 << 29)
+    # 1.5 GiB holds 786,432 vectors of 2 KiB: 48 per centroid instead of 64.
+    assert plan.pq_m == 64 and plan.train_size == (3 << 29) // (512 * 4) == 48 * 16384
+    assert "48 per centroid, memory-capped" in plan.reason
 
 
 def test_plan_tight_budget_shrinks_pq_codes() -> None:
