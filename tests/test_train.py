@@ -265,7 +265,7 @@ def test_embed_shard_processes_all_land(shared):
     assert catalog.rows("SELECT count(*), sum(rows) FROM units WHERE stage = 'embed' AND "
                         "status = 'done' AND fingerprint = ?",
                         [fingerprints(all_stages(), config)["embed"]]) == [(shards, ITEMS)]
-    assert ran(commands.run(config, ["all"], progress=False)) == nothing_ran()
+    assert ran(commands.run(config, ["embed"], progress=False)) == nothing_ran()
     assert catalog.rows("SELECT count(DISTINCT image_id) FROM gallery_embeddings") == [(ITEMS,)]
     assert catalog.rows("SELECT count(*) FROM baseline_embeddings") == [(0,)]
 
