@@ -19,6 +19,20 @@ def shared_data_dir() -> Path:
     return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The CLI installs a log handler on the stderr it sees; under CliRunner that stream is
+    closed after the command, and later tests' log lines would hit it ("I/O operation on
+    closed file"). Put the root logger's handlers and level back after every test."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
