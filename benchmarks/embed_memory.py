@@ -17,8 +17,9 @@ photos are rendered at 32 px and read at `extract.image_size = 32` (the VGG Gram
 []` (text queries only: nothing else to render, the embed stage reads photos only);
 `data.test_fraction = 0.95` and `train.epochs = 1` (extract, cluster and train see ~5% of the
 photos; the embed stage embeds all of them, train and test alike). Shard size, batch size,
-workers and the baseline embedding are the shipped pipeline.toml's. Small images make the
-per-batch part of the peak small, so any per-item growth stands out more, not less.
+workers and the baseline embedding are the shipped pipeline.toml's (the untrained embedding
+is off). Small images make the per-batch part of the peak small, so any per-item growth
+stands out more, not less.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def status_kib(field: str) -> int:
 
 def load(work_dir: Path, items: int, extra: Sequence[str]):
     from pipeline.config import load_config
-    overrides = [f"run.work_dir='{work_dir}'", f"data.demo_items={items}", *TRACTABLE, *extra]
+    # embed.untrained off: the prompted + baseline encoders that docs/benchmarks.md measured.
+    overrides = [f"run.work_dir='{work_dir}'", f"data.demo_items={items}", *TRACTABLE,
+                 "embed.untrained=false", *extra]
     return load_config(REPO_ROOT / "pipeline.toml", overrides)
 
 

@@ -13,8 +13,8 @@ process and after a warm-up of each side:
   the per-shard `images_per_s` metrics it records in the catalog;
 - bare: the same model objects the stage builds, on gallery tensors decoded beforehand (not
   timed), in the same batches (batch size within each shard, as the stage's loader cuts
-  them), `encode_image` and, with `embed.baseline`, `encode_image_baseline`, under
-  `torch.inference_mode`.
+  them), each encoder the stage runs (prompted; plain CLIP with `embed.baseline`), under
+  `torch.inference_mode`. `embed.untrained` is off unless `--set embed.untrained=true`.
 
 Each stage run is followed by a bare run and their ratio is reported; with `--repeats` the
 pairs are repeated and the median ratio per worker count is printed. `cores busy` is the CPU
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing it
 from pipeline import commands  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data.loader import ImageItem, ImageItems, collate  # noqa: E402
-from pipeline.models.clip import encode_image_baseline  # noqa: E402
+from pipeline.device import resolve_device  # noqa: E402
 from pipeline.progress import ProgressBoard  # noqa: E402
 from pipeline.runner import Runner  # noqa: E402
 from pipeline.training import autocast  # noqa: E402
@@ -61,6 +61,8 @@ def demo_config(work_dir: Path, items: int, batch_size: int, num_workers: int,
         f"extract.image_size={image_size}",
         f"model.arch='{arch}'",
         "train.epochs=1",
+        # The encoders docs/benchmarks.md measured: prompted + baseline (--set adds untrained).
+        "embed.untrained=false",
         f"embed.batch_size={batch_size}",
         f"embed.num_workers={num_workers}",
         *extra,
@@ -165,8 +167,7 @@ def time_stage(config: Config) -> tuple[Timing, list[float]]:
 def bare_loop(config: Config, shards: list[list[torch.Tensor]], models,
               limit: int | None = None) -> Timing:
     """The stage's per-batch model work on pre-decoded pixels, nothing else."""
-    model, baseline = models
-    device = next(model.parameters()).device
+    device = resolve_device(config.run.device)
     batches = [b for shard in shards for b in shard][:limit]
     out = []
     clock = Clock()
@@ -174,9 +175,8 @@ def bare_loop(config: Config, shards: list[list[torch.Tensor]], models,
         for pixels in batches:
             pixels = pixels.to(device, non_blocking=True)
             with autocast(device, config.embed.amp):
-                out.append(model.encode_image(pixels).float().cpu().numpy())
-                if baseline is not None:
-                    out.append(encode_image_baseline(baseline, pixels).float().cpu().numpy())
+                for encode in models.values():
+                    out.append(encode(pixels).float().cpu().numpy())
     return clock.stop(sum(len(b) for b in batches))
 
 
@@ -215,10 +215,10 @@ def run_benchmark(config: Config, args: argparse.Namespace) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}: {' '.join(sys.argv)}")
     print(f"torch {torch.__version__}: intra-op threads {torch.get_num_threads()}, inter-op "
           f"{torch.get_num_interop_threads()}, cpu_count {os.cpu_count()}, device "
-          f"{next(models[0].parameters()).device}")
+          f"{resolve_device(config.run.device)}")
     print(f"items {args.items} in {len(shards)} shards (shard_size {config.data.shard_size}), "
           f"batch {config.embed.batch_size} ({n_batches} batches), image {args.image_size} px, "
-          f"arch {config.model.arch}, baseline {config.embed.baseline}, "
+          f"arch {config.model.arch}, encoders {'+'.join(models)}, "
           f"num_workers {args.num_workers}, load average {os.getloadavg()[0]:.2f}")
 
     # Warm-up: one shard through the stage, one batch through the bare loop.

@@ -97,21 +97,24 @@ def run_cmd(
 
 
 def _recall_view(result) -> Table:
-    """One row per (protocol, query set): Recall@K of FreestyleRet and the baseline per K."""
+    """One row per (protocol, query set): Recall@K of FreestyleRet, the untrained prompts
+    (when scored) and the baseline per K."""
     rows = result.to_pylist()
     ks = sorted({r["k"] for r in rows})
+    methods = [(column, short) for column, short in
+               (("freestyle", "FSR"), ("untrained", "untr"), ("baseline", "base"))
+               if any(r[column] is not None for r in rows)]
+    named = {"FSR": "FreestyleRet (FSR)", "untr": "its untrained prompts (untr)",
+             "base": "CLIP without prompts (base)"}
+    title = ", ".join(named[short] for _, short in methods)
     table = Table("protocol", "queries", "fusion", "n",
-                  *[f"R@{k} {name}" for k in ks for name in ("FSR", "base")],
-                  title="Recall@K on the test split: FreestyleRet (FSR) vs CLIP without "
-                        "prompts (base)")
+                  *[f"R@{k} {short}" for k in ks for _, short in methods],
+                  title=f"Recall@K on the test split: {title}")
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         groups.setdefault((r["protocol"], r["style"], r["fusion"]), {})[r["k"]] = r
     for (protocol, style, fusion), by_k in groups.items():
-        cells = []
-        for k in ks:
-            r = by_k.get(k, {})
-            cells += [_cell(r.get("freestyle")), _cell(r.get("baseline"))]
+        cells = [_cell(by_k.get(k, {}).get(column)) for k in ks for column, _ in methods]
         n = next(iter(by_k.values()))["queries"]
         table.add_row(protocol, style, fusion, str(n), *cells)
     return table

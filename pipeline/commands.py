@@ -92,10 +92,12 @@ def sql(config: Config, query: str) -> pa.Table:
     return catalog.query(query)
 
 
-# The FreestyleRet-vs-baseline Recall@K table that `fsr-pipe run all` prints.
+# The FreestyleRet-vs-baseline Recall@K table that `fsr-pipe run all` prints (untrained is
+# NULL unless embed.untrained is on).
 RECALL_SQL = (
     "SELECT protocol, style, fusion, k, "
     "max(value) FILTER (WHERE method = 'freestyle') AS freestyle, "
+    "max(value) FILTER (WHERE method = 'untrained') AS untrained, "
     "max(value) FILTER (WHERE method = 'baseline') AS baseline, max(n_queries) AS queries "
     "FROM retrieval_metrics WHERE metric = 'recall' GROUP BY ALL "
     "ORDER BY protocol DESC, style, fusion, k"

@@ -169,6 +169,9 @@ class EmbedConfig:
     dtype: Literal["float32", "float16"] = "float32"
     # Also embed the gallery with the plain CLIP (no prompts), the baseline `score` reports.
     baseline: bool = True
+    # Also embed it with the untrained prompts (the train stage's fresh init, same seed): the
+    # `untrained` rows `score` reports, trained vs untrained on the test split.
+    untrained: bool = False
     batch_size: int = _run_only(64)
     num_workers: int = _run_only(1)
     amp: Literal["auto", "bf16", "fp16", "off"] = _run_only("auto")

@@ -5,13 +5,17 @@
 Each shard's photos are decoded in DataLoader workers and go through the same prompted visual
 encoder as the queries (VGG Gram path inside the model, then the prompted ViT), L2-normalised,
 and are written as (image_id, embedding). With `embed.baseline` the same CLIP without prompts
-embeds them too, for the side-by-side baseline. On CUDA: autocast, pinned memory,
-non-blocking copies; memory stays at one batch plus one shard's embeddings.
+embeds them too, for the side-by-side baseline; with `embed.untrained` the model with the
+untrained prompts (the train stage's fresh init) does, for trained vs untrained. On CUDA:
+autocast, pinned memory, non-blocking copies; memory stays at one batch plus one shard's
+embeddings.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -30,12 +34,30 @@ from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
 from pipeline.training import autocast
 
 EMPTY = "image_id BIGINT, embedding FLOAT[]"
+FILES = {"freestyle": "embeddings.parquet", "untrained": "untrained.parquet",
+         "baseline": "baseline.parquet"}
+
+
+# Methods with their own gallery embeddings, index and scores; artifact kind of each.
+METHOD_KINDS = {"freestyle": "embeddings", "untrained": "untrained_embeddings",
+                "baseline": "baseline_embeddings"}
+
+
+def methods(config: Config) -> list[str]:
+    """The methods a run embeds, indexes and scores: freestyle, then the switched-on others."""
+    return ["freestyle"] + [m for m in ("untrained", "baseline") if getattr(config.embed, m)]
+
+
+def load_untrained(config: Config, ctx: StageContext, device: torch.device):
+    """(FreestyleRet with the prompts the train stage starts from, tokenizer)."""
+    centres = arrow_to_vectors(pq.read_table(ctx.input_path("cluster", "centres"))["centre"])
+    model, tokenizer = build_model(config, centres, device)
+    return model.eval(), tokenizer
 
 
 def load_trained(config: Config, ctx: StageContext, device: torch.device):
     """(FreestyleRet with the train stage's best prompts and LayerNorms loaded, tokenizer)."""
-    centres = arrow_to_vectors(pq.read_table(ctx.input_path("cluster", "centres"))["centre"])
-    model, tokenizer = build_model(config, centres, device)
+    model, tokenizer = load_untrained(config, ctx, device)
     state = torch.load(ctx.input_path("train", "model"), map_location=device, weights_only=False)
     model.load_trainable_state_dict(state["model"])
     return model.eval(), tokenizer
@@ -51,36 +73,40 @@ class EmbedStage(Stage):
     section = "embed"
     needs = ("prepare", "cluster", "train")
     views = (ViewSpec("gallery_embeddings", "embed", "embeddings", EMPTY),
-             ViewSpec("baseline_embeddings", "embed", "baseline_embeddings", EMPTY))
+             ViewSpec("baseline_embeddings", "embed", "baseline_embeddings", EMPTY),
+             ViewSpec("untrained_embeddings", "embed", "untrained_embeddings", EMPTY))
 
     def __init__(self) -> None:
-        self._models: tuple[tuple, tuple] | None = None
+        self._models: tuple[tuple, dict] | None = None
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         units = ctx.catalog.units("prepare", ctx.inputs["prepare"])
         return [PlannedUnit(u.key, u.params) for u in units]
 
-    def models(self, ctx: StageContext) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        """(prompted model, baseline CLIP or None), built once per process and fingerprint."""
+    def models(self, ctx: StageContext) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """{method: encode(pixels)} for methods(config), built once per process and fingerprint."""
         key = (ctx.fingerprint, ctx.config.run.device)
         if self._models is None or self._models[0] != key:
-            device = resolve_device(ctx.config.run.device)
-            baseline = build_baseline(ctx.config, device).eval() if ctx.config.embed.baseline \
-                else None
-            self._models = (key, (load_trained_model(ctx.config, ctx, device), baseline))
+            config, device = ctx.config, resolve_device(ctx.config.run.device)
+            encoders = {"freestyle": load_trained_model(config, ctx, device).encode_image}
+            if config.embed.untrained:
+                encoders["untrained"] = load_untrained(config, ctx, device)[0].encode_image
+            if config.embed.baseline:
+                clip = build_baseline(config, device).eval()
+                encoders["baseline"] = partial(encode_image_baseline, clip)
+            self._models = (key, encoders)
         return self._models[1]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
         cfg = ctx.config.embed
-        model, baseline = self.models(ctx)
-        device = next(model.parameters()).device
+        encoders = self.models(ctx)
+        device = resolve_device(ctx.config.run.device)
         gallery = pq.read_table(ctx.input_path("prepare", "gallery", unit.key),
                                 columns=["image_id", "path"])
         items = [ImageItem("gallery", i, p) for i, p in zip(gallery["image_id"].to_pylist(),
                                                            gallery["path"].to_pylist())]
         ids: list[int] = []
-        prompted: list[np.ndarray] = []
-        plain: list[np.ndarray] = []
+        chunks: dict[str, list[np.ndarray]] = {method: [] for method in encoders}
         failures = []
         started = time.monotonic()
         batches = iter_batches(items, ctx.config.extract.image_size,
@@ -93,19 +119,15 @@ class EmbedStage(Stage):
                 if batch.pixels is not None:
                     pixels = batch.pixels.to(device, non_blocking=True)
                     with autocast(device, cfg.amp):
-                        prompted.append(model.encode_image(pixels).float().cpu().numpy())
-                        if baseline is not None:
-                            plain.append(encode_image_baseline(baseline, pixels)
-                                         .float().cpu().numpy())
+                        for method, encode in encoders.items():
+                            chunks[method].append(encode(pixels).float().cpu().numpy())
                     ids += [item.item_id for item in batch.items]
                 advance(len(batch.items) + len(batch.failures))
         seconds = time.monotonic() - started
         out = ctx.out_dir / unit.key
-        artifacts = [describe("embeddings", write_parquet(
-            self._table(ids, prompted, cfg.dtype), out / "embeddings.parquet"), len(ids))]
-        if baseline is not None:
-            artifacts.append(describe("baseline_embeddings", write_parquet(
-                self._table(ids, plain, cfg.dtype), out / "baseline.parquet"), len(ids)))
+        artifacts = [describe(METHOD_KINDS[method], write_parquet(
+            self._table(ids, chunks[method], cfg.dtype), out / FILES[method]), len(ids))
+            for method in encoders]
         return UnitResult(
             rows=len(ids), artifacts=artifacts, failures=failures,
             metrics=[MetricRecord("images_per_s", len(ids) / max(seconds, 1e-9)),

@@ -2,7 +2,8 @@
 
     fsr-pipe run index
 
-Units `freestyle` (the prompted embeddings) and, with `embed.baseline`, `baseline`. Each
+Units `freestyle` (the prompted embeddings) and, with `embed.untrained` / `embed.baseline`,
+`untrained` / `baseline` (stages/embed.py `methods`). Each
 plans the index from the gallery size (`index.factory = "auto"`: Flat, IVF-Flat or IVF-PQ
 under `index.max_memory_mb`, the reason logged and stored), trains it once on a seeded
 sample of the gallery, adds the embed shards in order with their int64 image ids, and
@@ -25,9 +26,7 @@ from pipeline.device import resolve_device
 from pipeline.index import plan_index
 from pipeline.index_build import Shard, VectorStore, build_index, check_recall, shard_dim
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
-
-# Unit key -> the embed artifact kind it indexes.
-METHOD_KINDS = {"freestyle": "embeddings", "baseline": "baseline_embeddings"}
+from stages.embed import METHOD_KINDS, methods
 
 
 def embed_shards(ctx: StageContext, method: str) -> list[Shard]:
@@ -35,8 +34,8 @@ def embed_shards(ctx: StageContext, method: str) -> list[Shard]:
     rows = ctx.catalog.artifact_rows("embed", ctx.inputs["embed"], METHOD_KINDS[method])
     if not rows:
         raise PipelineError(f"index: the embed stage wrote no {METHOD_KINDS[method]!r} files; "
-                            "run `fsr-pipe run embed` (and keep embed.baseline = true for the "
-                            "baseline index)")
+                            f"run `fsr-pipe run embed` (with embed.{method} = true for the "
+                            f"{method} index)")
     return [Shard(key, path, count) for key, path, count in rows if count > 0]
 
 
@@ -54,8 +53,7 @@ class IndexStage(Stage):
         return fingerprint_fields(config.index)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
-        methods = ["freestyle"] + (["baseline"] if ctx.config.embed.baseline else [])
-        return [PlannedUnit(m, {"kind": METHOD_KINDS[m]}) for m in methods]
+        return [PlannedUnit(m, {"kind": METHOD_KINDS[m]}) for m in methods(ctx.config)]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
         cfg, seed = ctx.config.index, ctx.config.run.seed

@@ -2,9 +2,10 @@
 
     fsr-pipe run score
 
-Units `freestyle` and, with `embed.baseline`, `baseline`. Each encodes every test-split query
-(text through the frozen CLIP text encoder; sketch, art, low-res, ... images through the
-prompted encoder, or the plain one for the baseline), then scores:
+Units `freestyle` and, with `embed.untrained` / `embed.baseline`, `untrained` / `baseline`.
+Each encodes every test-split query (text through the frozen CLIP text encoder; sketch, art,
+low-res, ... images through the trained prompted encoder, the untrained one, or the plain
+CLIP for the baseline), then scores:
 
 - single-style query sets and the fused pairs of `score.fused` (e.g. sketch+text) under
   both fusion rules: `max` (per gallery item, the larger of the two similarities, the
@@ -53,7 +54,7 @@ from pipeline.retrieval import (
 )
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
 from pipeline.training import autocast
-from stages.embed import load_trained
+from stages.embed import load_trained, load_untrained, methods
 
 METRICS = ("metric VARCHAR, method VARCHAR, style VARCHAR, protocol VARCHAR, fusion VARCHAR, "
            "k INTEGER, value DOUBLE, n_queries BIGINT")
@@ -93,8 +94,7 @@ class ScoreStage(Stage):
         return fingerprint_fields(config.score)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
-        methods = ["freestyle"] + (["baseline"] if ctx.config.embed.baseline else [])
-        return [PlannedUnit(m, {}) for m in methods]
+        return [PlannedUnit(m, {}) for m in methods(ctx.config)]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
         cfg, method = ctx.config.score, unit.key
@@ -198,8 +198,9 @@ def _test_queries(ctx: StageContext, store: VectorStore) -> tuple[pa.Table, Any]
 def _encoders(ctx: StageContext, method: str, device: torch.device):
     """(encode_image(pixels), encode_text(tokens), tokenizer) for the method."""
     config = ctx.config
-    if method == "freestyle":
-        model, tokenizer = load_trained(config, ctx, device)
+    if method in ("freestyle", "untrained"):
+        load = load_trained if method == "freestyle" else load_untrained
+        model, tokenizer = load(config, ctx, device)
         return model.encode_image, model.encode_text, tokenizer
     clip, tokenizer = load_clip(config.model.arch, pretrained_source(config),
                                 seed=config.run.seed, device=device)

@@ -211,6 +211,47 @@ def test_score_without_baseline(finished) -> None:
     commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
 
 
+def test_score_with_untrained_prompts(finished) -> None:
+    """embed.untrained: the untrained prompts (train's fresh init) are embedded, indexed and
+    scored as a third method, and the table gets their columns."""
+    import torch
+
+    from pipeline.arrays import arrow_to_vectors
+    from pipeline.cli import _recall_view
+    from pipeline.data.images import load_rgb, to_tensor
+    from pipeline.models.factory import build_model
+
+    config = load_config(finished, ["embed.untrained=true"])
+    reports = {r.stage: r.ran for r in commands.run(config, ["score"], progress=False)}
+    assert reports["train"] == 0 and reports["embed"] > 0
+    assert reports["index"] == 3 and reports["score"] == 3
+    assert rows(config, "SELECT DISTINCT method FROM retrieval_metrics ORDER BY 1") == [
+        ("baseline",), ("freestyle",), ("untrained",)]
+    table = commands.sql(config, commands.RECALL_SQL)
+    assert table["untrained"].null_count == 0
+    headers = [c.header for c in _recall_view(table).columns]
+    assert headers[4:7] == ["R@1 FSR", "R@1 untr", "R@1 base"]
+
+    # The stored untrained embeddings are what a freshly built model gives.
+    centres = arrow_to_vectors(commands.sql(config, "SELECT centre FROM style_centres "
+                                                    "ORDER BY cluster")["centre"])
+    model, _ = build_model(config, centres, torch.device("cpu"))
+    photos = rows(config, "SELECT image_id, path FROM gallery ORDER BY image_id LIMIT 6")
+    pixels = torch.stack([to_tensor(load_rgb(p, 10**8), config.extract.image_size)
+                          for _, p in photos])
+    with torch.inference_mode():
+        expected = model.eval().encode_image(pixels).numpy()
+    stored = vectors(config, "untrained_embeddings", "image_id")
+    np.testing.assert_allclose(np.stack([stored[i] for i, _ in photos]), expected, atol=1e-5)
+    # Trained and untrained differ exactly when training kept an epoch after epoch 0.
+    trained = vectors(config, "gallery_embeddings", "image_id")
+    best = rows(config, "SELECT value FROM current_metrics WHERE stage = 'train' AND "
+                        "name = 'best_epoch'")[0][0]
+    same = all(np.array_equal(trained[i], stored[i]) for i in stored)
+    assert same == (best == 0), best
+    commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
+
+
 def test_batch_protocol_keeps_one_query_per_photo() -> None:
     from stages.score import QuerySet, _one_query_per_photo
 
