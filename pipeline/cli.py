@@ -96,25 +96,26 @@ def run_cmd(
                       f"  fsr-pipe sql \"{FIRST_SQL}\"", highlight=False, soft_wrap=True)
 
 
+# RECALL_SQL's method columns: (column, header suffix, title name).
+RECALL_COLUMNS = (("freestyle", "FSR", "FreestyleRet (FSR)"),
+                  ("untrained", "untr", "its untrained prompts (untr)"),
+                  ("baseline", "base", "CLIP without prompts (base)"))
+
+
 def _recall_view(result) -> Table:
     """One row per (protocol, query set): Recall@K of FreestyleRet, the untrained prompts
     (when scored) and the baseline per K."""
     rows = result.to_pylist()
     ks = sorted({r["k"] for r in rows})
-    methods = [(column, short) for column, short in
-               (("freestyle", "FSR"), ("untrained", "untr"), ("baseline", "base"))
-               if any(r[column] is not None for r in rows)]
-    named = {"FSR": "FreestyleRet (FSR)", "untr": "its untrained prompts (untr)",
-             "base": "CLIP without prompts (base)"}
-    title = ", ".join(named[short] for _, short in methods)
+    methods = [m for m in RECALL_COLUMNS if any(r[m[0]] is not None for r in rows)]
     table = Table("protocol", "queries", "fusion", "n",
-                  *[f"R@{k} {short}" for k in ks for _, short in methods],
-                  title=f"Recall@K on the test split: {title}")
+                  *[f"R@{k} {short}" for k in ks for _, short, _ in methods],
+                  title="Recall@K on the test split: " + ", ".join(n for *_, n in methods))
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         groups.setdefault((r["protocol"], r["style"], r["fusion"]), {})[r["k"]] = r
     for (protocol, style, fusion), by_k in groups.items():
-        cells = [_cell(by_k.get(k, {}).get(column)) for k in ks for column, _ in methods]
+        cells = [_cell(by_k.get(k, {}).get(column)) for k in ks for column, _, _ in methods]
         n = next(iter(by_k.values()))["queries"]
         table.add_row(protocol, style, fusion, str(n), *cells)
     return table

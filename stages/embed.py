@@ -60,12 +60,7 @@ def load_trained(config: Config, ctx: StageContext, device: torch.device):
     model, tokenizer = load_untrained(config, ctx, device)
     state = torch.load(ctx.input_path("train", "model"), map_location=device, weights_only=False)
     model.load_trainable_state_dict(state["model"])
-    return model.eval(), tokenizer
-
-
-def load_trained_model(config: Config, ctx: StageContext, device: torch.device):
-    """FreestyleRet with the train stage's best prompts and LayerNorms loaded."""
-    return load_trained(config, ctx, device)[0]
+    return model, tokenizer
 
 
 class EmbedStage(Stage):
@@ -88,7 +83,7 @@ class EmbedStage(Stage):
         key = (ctx.fingerprint, ctx.config.run.device)
         if self._models is None or self._models[0] != key:
             config, device = ctx.config, resolve_device(ctx.config.run.device)
-            encoders = {"freestyle": load_trained_model(config, ctx, device).encode_image}
+            encoders = {"freestyle": load_trained(config, ctx, device)[0].encode_image}
             if config.embed.untrained:
                 encoders["untrained"] = load_untrained(config, ctx, device)[0].encode_image
             if config.embed.baseline:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -24,8 +25,6 @@ def restore_logging():
     """The CLI installs a log handler on the stderr it sees; under CliRunner that stream is
     closed after the command, and later tests' log lines would hit it ("I/O operation on
     closed file"). Put the root logger's handlers and level back after every test."""
-    import logging
-
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
