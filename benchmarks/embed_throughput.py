@@ -50,6 +50,7 @@ from pipeline.progress import ProgressBoard  # noqa: E402
 from pipeline.runner import Runner  # noqa: E402
 from pipeline.training import autocast  # noqa: E402
 from stages import all_stages  # noqa: E402
+from stages.embed import encode_batch  # noqa: E402
 
 
 def demo_config(work_dir: Path, items: int, batch_size: int, num_workers: int,
@@ -175,8 +176,7 @@ def bare_loop(config: Config, shards: list[list[torch.Tensor]], models,
         for pixels in batches:
             pixels = pixels.to(device, non_blocking=True)
             with autocast(device, config.embed.amp):
-                for encode in models.values():
-                    out.append(encode(pixels).float().cpu().numpy())
+                out.append(encode_batch(*models, pixels))
     return clock.stop(sum(len(b) for b in batches))
 
 
@@ -218,7 +218,7 @@ def run_benchmark(config: Config, args: argparse.Namespace) -> None:
           f"{resolve_device(config.run.device)}")
     print(f"items {args.items} in {len(shards)} shards (shard_size {config.data.shard_size}), "
           f"batch {config.embed.batch_size} ({n_batches} batches), image {args.image_size} px, "
-          f"arch {config.model.arch}, encoders {'+'.join(models)}, "
+          f"arch {config.model.arch}, encoders {'+'.join(models[1])}, "
           f"num_workers {args.num_workers}, load average {os.getloadavg()[0]:.2f}")
 
     # Warm-up: one shard through the stage, one batch through the bare loop.

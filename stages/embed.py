@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +27,7 @@ from pipeline.catalog import FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.config import Config
 from pipeline.data.loader import ImageItem, iter_batches
 from pipeline.device import resolve_device
+from pipeline.gram import GramEncoder
 from pipeline.models.clip import encode_image_baseline
 from pipeline.models.factory import build_baseline, build_model
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
@@ -63,6 +63,19 @@ def load_trained(config: Config, ctx: StageContext, device: torch.device):
     return model, tokenizer
 
 
+# (pixels, their Gram vectors) -> L2 embeddings; the baseline ignores the Gram vectors.
+Encoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def encode_batch(gram_encoder: GramEncoder, encoders: dict[str, Encoder],
+                 pixels: torch.Tensor) -> dict[str, np.ndarray]:
+    """One batch through every method. The Gram path runs once: it is frozen and the same in
+    the trained and untrained models, and on CPU it is most of the time."""
+    gram = gram_encoder(pixels)
+    return {method: encode(pixels, gram).float().cpu().numpy()
+            for method, encode in encoders.items()}
+
+
 class EmbedStage(Stage):
     name = "embed"
     section = "embed"
@@ -72,29 +85,31 @@ class EmbedStage(Stage):
              ViewSpec("untrained_embeddings", "embed", "untrained_embeddings", EMPTY))
 
     def __init__(self) -> None:
-        self._models: tuple[tuple, dict] | None = None
+        self._models: tuple[tuple, tuple[GramEncoder, dict[str, Encoder]]] | None = None
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         units = ctx.catalog.units("prepare", ctx.inputs["prepare"])
         return [PlannedUnit(u.key, u.params) for u in units]
 
-    def models(self, ctx: StageContext) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """{method: encode(pixels)} for methods(config), built once per process and fingerprint."""
+    def models(self, ctx: StageContext) -> tuple[GramEncoder, dict[str, Encoder]]:
+        """(Gram encoder, {method: encode(pixels, gram)}) for methods(config), built once per
+        process and fingerprint."""
         key = (ctx.fingerprint, ctx.config.run.device)
         if self._models is None or self._models[0] != key:
             config, device = ctx.config, resolve_device(ctx.config.run.device)
-            encoders = {"freestyle": load_trained(config, ctx, device)[0].encode_image}
+            trained = load_trained(config, ctx, device)[0]
+            encoders: dict[str, Encoder] = {"freestyle": trained.encode_image}
             if config.embed.untrained:
                 encoders["untrained"] = load_untrained(config, ctx, device)[0].encode_image
             if config.embed.baseline:
                 clip = build_baseline(config, device).eval()
-                encoders["baseline"] = partial(encode_image_baseline, clip)
-            self._models = (key, encoders)
+                encoders["baseline"] = lambda pixels, _gram: encode_image_baseline(clip, pixels)
+            self._models = (key, (trained.gram_encoder, encoders))
         return self._models[1]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
         cfg = ctx.config.embed
-        encoders = self.models(ctx)
+        gram_encoder, encoders = self.models(ctx)
         device = resolve_device(ctx.config.run.device)
         gallery = pq.read_table(ctx.input_path("prepare", "gallery", unit.key),
                                 columns=["image_id", "path"])
@@ -114,8 +129,9 @@ class EmbedStage(Stage):
                 if batch.pixels is not None:
                     pixels = batch.pixels.to(device, non_blocking=True)
                     with autocast(device, cfg.amp):
-                        for method, encode in encoders.items():
-                            chunks[method].append(encode(pixels).float().cpu().numpy())
+                        encoded = encode_batch(gram_encoder, encoders, pixels)
+                    for method, emb in encoded.items():
+                        chunks[method].append(emb)
                     ids += [item.item_id for item in batch.items]
                 advance(len(batch.items) + len(batch.failures))
         seconds = time.monotonic() - started
