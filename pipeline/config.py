@@ -149,6 +149,10 @@ class TrainConfig:
     margin: float = 1.0
     # Training photos (with their queries) held out for the per-epoch validation Recall@1.
     val_fraction: float = 0.1
+    # Up to this many of the other training photos join the held-out photos in the validation
+    # gallery as distractors, so validation ranks as the score stage's gallery protocol does
+    # (against many photos, not a handful). 0 = the held-out photos only.
+    val_distractors: int = 1000
     # Mixed precision on CUDA (auto = bf16 where supported, else fp16); CPU always runs fp32.
     amp: Literal["auto", "bf16", "fp16", "off"] = _run_only("auto")
     num_workers: int = _run_only(1)
@@ -160,6 +164,7 @@ class TrainConfig:
         _check(self.patience >= 1, "train.patience", "must be >= 1")
         _check(self.margin > 0, "train.margin", "must be > 0")
         _check(0.0 < self.val_fraction < 1.0, "train.val_fraction", "must be in (0, 1)")
+        _check(self.val_distractors >= 0, "train.val_distractors", "must be >= 0")
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.arrays import stable_uniform
 from pipeline.artifacts import atomic_path
 from pipeline.data.images import BadInput, load_rgb, to_tensor
 
@@ -173,11 +174,20 @@ def recall_at_1(query_emb: np.ndarray, query_targets: np.ndarray, gallery_emb: n
     return float(np.mean(gallery_ids[best] == query_targets))
 
 
+def validation_gallery(held_out: dict[int, str], others: dict[int, str], distractors: int,
+                       seed: int) -> dict[int, str]:
+    """The photos validation ranks against: every held-out photo plus up to `distractors` of
+    the `others`, a seeded choice that does not depend on how many there are."""
+    ranked = sorted(others, key=lambda i: stable_uniform(seed, f"distractor:{i}"))
+    return {**held_out, **{i: others[i] for i in ranked[:distractors]}}
+
+
 @torch.no_grad()
 def validate(model: torch.nn.Module, queries: Sequence[Query], photos: dict[int, str],
              grams: dict[int, Any], tokenize: Callable, image_size: int, max_pixels: int,
              device: torch.device, amp: str, batch_size: int) -> dict[str, float]:
-    """Recall@1 per query style against the validation photos, and their mean."""
+    """Recall@1 per query style against `photos` (the held-out photos, which the queries
+    target, and any distractors: `validation_gallery`), and their mean."""
     model.eval()
     photo_ids = np.array(sorted(photos), dtype=np.int64)
 

@@ -42,6 +42,7 @@ from pipeline.training import (
     train_epoch,
     triplet_batches,
     validate,
+    validation_gallery,
 )
 
 
@@ -103,12 +104,14 @@ class TrainStage(Stage):
         train_photos = {i: p for i, p in photos.items() if i not in val_photos}
         train_queries = [q for q in queries if q.image_id in train_photos]
         val_queries = [q for q in queries if q.image_id in val_photos]
+        val_gallery = validation_gallery(val_photos, train_photos, cfg.val_distractors, seed)
 
         centres = arrow_to_vectors(pq.read_table(ctx.input_path("cluster", "centres"))["centre"])
         model, tokenizer = build_model(ctx.config, centres, device)
         trainable, frozen = model.parameter_counts()
-        ctx.log.info("train: %d queries (%d validation), %s trainable / %s frozen parameters",
-                     len(train_queries), len(val_queries), f"{trainable:,}", f"{frozen:,}")
+        ctx.log.info("train: %d queries (%d validation, ranked against %d photos), %s trainable"
+                     " / %s frozen parameters", len(train_queries), len(val_queries),
+                     len(val_gallery), f"{trainable:,}", f"{frozen:,}")
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                      lr=cfg.lr)
         image_size = model.clip_image_size
@@ -118,7 +121,7 @@ class TrainStage(Stage):
         saved_config = to_dict(ctx.config)
 
         def evaluate() -> dict[str, float]:
-            return validate(model, val_queries, val_photos, grams, tokenizer, image_size,
+            return validate(model, val_queries, val_gallery, grams, tokenizer, image_size,
                             max_pixels, device, cfg.amp, cfg.batch_size)
 
         start = latest_checkpoint(out)
@@ -145,7 +148,8 @@ class TrainStage(Stage):
                                    cfg.margin, device, cfg.amp, advance)
             self._end_epoch(ctx, unit, out, epoch, {"loss": loss, **evaluate()}, model,
                             optimizer, history, saved_config)
-        return self._result(out, model, history, trainable, frozen)
+        sizes = {"validation_photos": len(val_photos), "validation_gallery": len(val_gallery)}
+        return self._result(out, model, history, trainable, frozen, sizes)
 
     def _end_epoch(self, ctx: StageContext, unit: UnitRow, out, epoch: int,
                    metrics: dict[str, float], model, optimizer, history: History,
@@ -158,8 +162,8 @@ class TrainStage(Stage):
         ctx.log.info("train epoch %d: loss %.4f, validation R@1 %.3f%s", epoch,
                      metrics["loss"], metrics["val_recall@1"], " (best)" if best else "")
 
-    def _result(self, out, model, history: History, trainable: int,
-                frozen: int) -> UnitResult:
+    def _result(self, out, model, history: History, trainable: int, frozen: int,
+                sizes: dict[str, int]) -> UnitResult:
         best_weights, best_sidecar = checkpoint_paths(out, history.best_epoch)
         model_path = out / "model.pt"
         with atomic_path(model_path) as tmp:
@@ -180,6 +184,7 @@ class TrainStage(Stage):
         metrics += [MetricRecord("best_epoch", float(history.best_epoch)),
                     MetricRecord("trainable_parameters", float(trainable)),
                     MetricRecord("frozen_parameters", float(frozen))]
+        metrics += [MetricRecord(name, float(value)) for name, value in sizes.items()]
         return UnitResult(
             rows=len(history.epochs),
             artifacts=[describe("model", model_path, None),

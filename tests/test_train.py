@@ -36,6 +36,7 @@ from pipeline.data.images import load_rgb, to_tensor
 from pipeline.models.clip import DEMO_ARCHS
 from pipeline.models.factory import build_model
 from pipeline.runner import fingerprints
+from pipeline.training import Query, validate, validation_gallery
 from stages import all_stages
 
 ITEMS = 16  # 4 prepare shards of 4 photos; 16 text + 48 image queries
@@ -109,6 +110,42 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
         time.sleep(0.02)
 
 
+def test_validation_gallery_adds_seeded_distractors():
+    held_out = {1: "a", 2: "b"}
+    others = {i: f"p{i}" for i in range(10, 30)}
+    gallery = validation_gallery(held_out, others, 5, seed=0)
+    assert len(gallery) == 7 and held_out.items() <= gallery.items()
+    assert gallery.items() - held_out.items() <= others.items()
+    assert validation_gallery(held_out, others, 5, seed=0) == gallery
+    assert validation_gallery(held_out, others, 0, seed=0) == held_out
+    assert validation_gallery(held_out, others, 100, seed=0) == {**held_out, **others}
+    # A smaller budget keeps a subset of a larger one's choice; another seed chooses others.
+    assert validation_gallery(held_out, others, 3, seed=0).items() <= gallery.items()
+    assert validation_gallery(held_out, others, 5, seed=1) != gallery
+
+
+class GramAsEmbedding(torch.nn.Module):
+    """A stand-in model whose image embedding is the image's Gram vector."""
+
+    def encode_image(self, pixels: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        return gram
+
+
+def test_validation_ranks_queries_against_the_distractors_too():
+    # Query 100 targets photo 1; distractor 9 looks more like the query than photo 1 does.
+    grams = {1: np.array([0.8, 0.6]), 2: np.array([0.0, 1.0]), 9: np.array([1.0, 0.0]),
+             100: np.array([1.0, 0.0])}
+    queries = [Query(100, 1, "art", "missing.png", None)]
+
+    def recall(photos: dict[int, str]) -> float:
+        return validate(GramAsEmbedding(), queries, photos, grams, tokenize=None, image_size=8,
+                        max_pixels=10**6, device=torch.device("cpu"), amp="off",
+                        batch_size=4)["val_recall@1"]
+
+    assert recall({1: "p1.png", 2: "p2.png"}) == 1.0
+    assert recall({1: "p1.png", 2: "p2.png", 9: "p9.png"}) == 0.0
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Path:
     """A tiny demo run through embed with BASE (the reference for several tests)."""
@@ -147,6 +184,12 @@ def test_train_and_embed_end_to_end(shared):
     recalls = [r[2] for r in rows]
     assert best_epoch == recalls.index(max(recalls))  # the first epoch with the best R@1
     assert 0 < trainable < frozen
+    # Validation ranks the held-out photos' queries against every training-split photo (the
+    # default train.val_distractors exceeds them), as score's gallery protocol does.
+    (held_out, _), = metric("validation_photos")
+    (val_gallery, _), = metric("validation_gallery")
+    (train_photos,), = catalog.rows("SELECT count(*) FROM gallery WHERE split = 'train'")
+    assert 2 <= held_out < val_gallery == train_photos
 
     kinds = dict(catalog.rows(
         "SELECT kind, path FROM artifacts JOIN stages USING (stage, fingerprint) "
