@@ -22,6 +22,7 @@ from pipeline import commands
 from pipeline.catalog import CatalogBusy
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.sources import SourceError
+from pipeline.models import WeightsError
 from pipeline.progress import console
 from pipeline.stage import PipelineError
 
@@ -67,7 +68,7 @@ def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signatur
             return fn(*args, **kwargs)
         except ConfigError as exc:
             _fail(exc, 2)
-        except (PipelineError, SourceError, CatalogBusy, FileNotFoundError) as exc:
+        except (PipelineError, SourceError, CatalogBusy, WeightsError, FileNotFoundError) as exc:
             _fail(exc, 1)
 
     return wrapper

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.gram import GramEncoder
+from pipeline.models import WeightsError
 from pipeline.models import clip as clip_module
 from pipeline.models.clip import (
     DEMO_ARCHS,
@@ -432,12 +433,23 @@ def test_load_clip_errors_name_the_problem(tmp_path, monkeypatch):
     path = save_clip(load_clip(ARCH)[0], tmp_path / "tiny.pt")
     with pytest.raises(ValueError, match=f"{path}.*fsr-test-narrow"):
         load_clip("fsr-test-narrow", pretrained=str(path))
-    with pytest.raises(RuntimeError, match="no_such_tag.*ViT-B-32.*local checkpoint file"):
+    # An unknown tag fails at once (no download attempt) and lists the architecture's tags.
+    with pytest.raises(WeightsError, match="no_such_tag.*ViT-B-32.*openai.*local checkpoint"):
         load_clip("ViT-B-32", pretrained="no_such_tag")
-    with pytest.raises(RuntimeError, match="openai.*local checkpoint file"):
+    with pytest.raises(WeightsError, match="openai.*local checkpoint file"):
         load_clip(ARCH, pretrained="openai")
-    with pytest.raises(ValueError, match="unknown CLIP architecture"):
+    with pytest.raises(WeightsError, match="unknown CLIP architecture"):
         load_clip("no-such-arch")
+
+
+def test_load_clip_download_failure_says_what_to_do(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(clip_module.open_clip, "create_model", offline)
+    with pytest.raises(WeightsError, match="'openai' for 'ViT-B-32'.*OSError: Name or service "
+                                           "not known.*Offline.*local checkpoint file path"):
+        load_clip("ViT-B-32", pretrained="openai")
 
 
 # -- losses -----------------------------------------------------------------------------------

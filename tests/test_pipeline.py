@@ -115,6 +115,13 @@ def test_cli_run_status_sql_reset(tiny_config):
     assert result.exit_code == 1 and "nope" in result.output
     result = cli.invoke(app, ["run", "all", "--set", "cluster.k=x", *args])
     assert result.exit_code == 2 and "cluster.k" in result.output
+    # Weights that cannot load: one red line naming the setting, not a traceback.
+    garbage = tiny_config.parent / "garbage.pth"
+    garbage.write_text("not weights")
+    for setting in (f"extract.vgg_weights='{garbage}'", "model.pretrained=no_such_tag"):
+        result = cli.invoke(app, ["run", "all", "--set", setting, *args])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert "error:" in result.output and setting.split("=")[1].strip("'") in result.output
     result = cli.invoke(app, ["reset", "extract", "--yes", *args])
     assert result.exit_code == 0 and "extract, cluster" in result.output
     result = cli.invoke(app, ["run", "all", *args])

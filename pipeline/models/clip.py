@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
+from pipeline.models import WeightsError
+
 log = logging.getLogger(__name__)
 
 # Project architectures, in open_clip's model_configs JSON layout. "fsr-tiny-vit" is for demos
@@ -109,7 +111,7 @@ def _known_arch(arch: str) -> dict[str, Any] | None:
         return DEMO_ARCHS[arch]
     if arch in open_clip.list_models():
         return None
-    raise ValueError(
+    raise WeightsError(
         f"unknown CLIP architecture {arch!r} (model.arch): use one of the project's "
         f"{sorted(DEMO_ARCHS)} or an open_clip name such as ViT-B-32 or ViT-L-14"
     )
@@ -133,7 +135,7 @@ def _load_file(model: nn.Module, arch: str, path: Path) -> None:
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except Exception as error:  # torch/open_clip raise many types for foreign files
-        raise ValueError(
+        raise WeightsError(
             f"CLIP checkpoint {path} does not fit architecture {arch!r} "
             f"({type(error).__name__}: {error}); pass a checkpoint of that architecture"
         ) from error
@@ -167,20 +169,26 @@ def load_clip(arch: str, pretrained: str = "", seed: int = 0,
             f"file, an open_clip pretrained tag for {arch!r}, or '' for a seeded random init"
         )
     elif model_cfg is not None:
-        raise RuntimeError(
+        raise WeightsError(
             f"CLIP architecture {arch!r} is a project demo architecture with no pretrained "
             f"tags, so {pretrained!r} cannot be loaded; pass a local checkpoint file path "
             "or '' for a seeded random init"
+        )
+    elif pretrained not in (tags := open_clip.list_pretrained_tags_by_model(arch)):
+        raise WeightsError(
+            f"{pretrained!r} (model.pretrained) is neither a file nor an open_clip pretrained "
+            f"tag for {arch!r}; its tags: {', '.join(tags) or 'none'}. Or pass a local "
+            "checkpoint file path, or '' for a seeded random init"
         )
     else:
         try:
             model, tokenizer = _create(arch, None, pretrained, seed)
         except Exception as error:  # offline downloads fail with many error types
-            tags = open_clip.list_pretrained_tags_by_model(arch)
-            raise RuntimeError(
-                f"could not load open_clip pretrained tag {pretrained!r} for architecture "
-                f"{arch!r}: {error}. Offline? Download the weights elsewhere and set "
-                f"model.pretrained to the local checkpoint file path. Known tags: {tags}"
+            raise WeightsError(
+                f"could not load open_clip pretrained tag {pretrained!r} for {arch!r} "
+                f"({type(error).__name__}: {error}). Offline? Download the weights on a "
+                "machine with network access and set model.pretrained to the local checkpoint "
+                "file path"
             ) from error
         log.info("CLIP %s: pretrained tag %s", arch, pretrained)
     model.requires_grad_(False)

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.models import WeightsError
+
 VGG_RELU2_1_CHANNELS = 128
 
 # Indices (in the AdaIN Sequential) of the convolutions kept up to relu2_1.
@@ -102,7 +104,7 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt/foreign files
-        raise ValueError(
+        raise WeightsError(
             f"VGG weights file {path} could not be read by torch.load: {error}"
         ) from error
     if (
@@ -114,7 +116,7 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if not isinstance(loaded, Mapping) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in loaded.items()
     ):
-        raise ValueError(
+        raise WeightsError(
             f"VGG weights file {path} does not hold a state dict (a mapping of str -> Tensor); "
             f"got {type(loaded).__name__}"
         )
@@ -126,7 +128,7 @@ def _load_weights(encoder: VGGEncoder, path: Path) -> None:
     wanted = encoder.state_dict()
     missing = sorted(key for key in wanted if key not in state)
     if missing:
-        raise ValueError(
+        raise WeightsError(
             f"VGG weights file {path} lacks keys {missing}; expected the AdaIN "
             f"'VGG-normalised' layout with convolutions at indices {list(CONV_INDICES)}"
         )
@@ -136,7 +138,7 @@ def _load_weights(encoder: VGGEncoder, path: Path) -> None:
         if tuple(state[key].shape) != tuple(tensor.shape)
     ]
     if mismatched:
-        raise ValueError(
+        raise WeightsError(
             f"VGG weights file {path} has shape mismatches ({'; '.join(mismatched)}); "
             "expected the AdaIN 'VGG-normalised' layout"
         )
