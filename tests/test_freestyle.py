@@ -221,6 +221,33 @@ def test_other_pool_types_match_open_clip(gram_encoder, centres, vision):
         assert model.encode_image(_images(2, seed=4)).shape == (2, 64)
 
 
+@pytest.mark.slow
+def test_real_open_clip_architecture_vit_b_32():
+    """The prompt model on an open_clip built-in (random init, so offline): the no-prompt path
+    is open_clip's own forward, prompted embeddings are unit vectors that differ from the
+    plain CLIP's, the loss reaches the generators, and the sizes are docs/method.md's."""
+    clip, _ = load_clip("ViT-B-32", seed=0)
+    gram = GramEncoder(build_vgg_encoder(None, seed=0), pool=2, dim=256, seed=0).eval()
+    with torch.no_grad():
+        centres = gram(_images(4, seed=99, size=224))
+    model = FreestyleRet(clip, gram, centres, 0.1, PromptSpec())
+    trainable, frozen = model.parameter_counts()
+    assert (round(trainable / 1e6, 2), round(frozen / 1e6)) == (5.57, 151)
+    images = _images(3, seed=6, size=224)
+    pixels = clip_pixels(model.clip, images)
+    with torch.no_grad():
+        torch.testing.assert_close(model.vision_features(pixels, None), model.clip.visual(pixels),
+                                   rtol=1e-5, atol=1e-5)
+        plain = encode_image_baseline(model.clip, images)
+    prompted = model.encode_image(images)
+    assert prompted.shape == plain.shape == (3, 512)
+    torch.testing.assert_close(prompted.norm(dim=1), torch.ones(3))
+    assert (prompted - plain).abs().max() > 1e-3
+    triplet_loss(prompted[:1], prompted[1:2], prompted[2:]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.generators.parameters())
+
+
 def test_attentional_pool_is_not_supported(gram_encoder, centres):
     clip = _custom_clip(attentional_pool=True, attn_pooler_heads=4)
     with pytest.raises(NotImplementedError, match="attentional"):
