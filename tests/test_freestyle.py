@@ -222,11 +222,14 @@ def test_other_pool_types_match_open_clip(gram_encoder, centres, vision):
 
 
 @pytest.mark.slow
-def test_real_open_clip_architecture_vit_b_32():
+def test_real_open_clip_architecture_vit_b_32(caplog):
     """The prompt model on an open_clip built-in (random init, so offline): the no-prompt path
     is open_clip's own forward, prompted embeddings are unit vectors that differ from the
     plain CLIP's, the loss reaches the generators, and the sizes are docs/method.md's."""
-    clip, _ = load_clip("ViT-B-32", seed=0)
+    with caplog.at_level("WARNING"):
+        clip, _ = load_clip("ViT-B-32", seed=0)
+    # open_clip's own "No pretrained weights loaded" repeats load_clip's warning: dropped.
+    assert not any("No pretrained" in r.getMessage() for r in caplog.records)
     gram = GramEncoder(build_vgg_encoder(None, seed=0), pool=2, dim=256, seed=0).eval()
     with torch.no_grad():
         centres = gram(_images(4, seed=99, size=224))
@@ -417,13 +420,21 @@ def test_seeded_random_init_is_deterministic_and_leaves_global_rng_alone():
     assert not torch.equal(a["visual.conv1.weight"], c["visual.conv1.weight"])
 
 
-def test_random_init_is_logged_as_a_warning(caplog):
+def test_random_init_is_logged_as_a_warning_once(caplog, monkeypatch):
+    monkeypatch.setattr(clip_module, "_WARNED_RANDOM", set())
     with caplog.at_level("WARNING"):
         load_clip(ARCH, seed=0)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("RANDOM" in m and ARCH in m for m in messages)
+    assert sum("RANDOM" in m and ARCH in m for m in messages) == 1
     # open_clip's notes about the temporary config folder are filtered out.
     assert not any("fsr-arch-" in m for m in messages)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_clip(ARCH, seed=0)  # a stage's second model: already said
+        load_clip(ARCH, seed=1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "RANDOM" in m] == [m for m in messages if "seed 1" in m]
+    assert len(messages) == 1
 
 
 def test_save_clip_round_trips_through_load_clip(tmp_path):

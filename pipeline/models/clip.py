@@ -19,12 +19,13 @@ Needs open_clip_torch with the `local-dir:` schema and `create_model(load_weight
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,8 @@ DEMO_ARCHS: dict[str, dict[str, Any]] = {
     },
 }
 
+_WARNED_RANDOM: set[tuple[str, int]] = set()  # (arch, seed) random inits already warned of
+
 # Suffixes that mark a `pretrained` value as a file path rather than an open_clip tag.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
@@ -70,7 +73,8 @@ def _looks_like_path(value: str) -> bool:
 
 
 class _DropMentions(logging.Filter):
-    """Drops log records that mention `marker` (open_clip's notes about our temp folder)."""
+    """Drops log records that mention `marker` (open_clip's own notes on what load_clip
+    already says more plainly)."""
 
     def __init__(self, marker: str) -> None:
         super().__init__()
@@ -80,29 +84,37 @@ class _DropMentions(logging.Filter):
         return self.marker not in record.getMessage()
 
 
+@contextlib.contextmanager
+def _drop_root_logs(marker: str) -> Iterator[None]:
+    """open_clip logs on the root logger: hide its records that mention `marker`."""
+    quiet = _DropMentions(marker)
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
 def _create(arch: str, model_cfg: dict[str, Any] | None, pretrained: str | None,
             seed: int) -> tuple[nn.Module, Callable]:
     """open_clip.create_model (+ tokenizer) with the CPU RNG seeded and then restored."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model_cfg is None:
-            # pretrained_text=False: a random init must not pull HF text-tower weights.
-            model = open_clip.create_model(arch, pretrained=pretrained or None, device="cpu",
-                                           pretrained_text=bool(pretrained))
+            # pretrained_text=False: a random init must not pull HF text-tower weights. A
+            # random init's "No pretrained weights loaded" is load_clip's warning too.
+            with _drop_root_logs("No pretrained weights loaded"):
+                model = open_clip.create_model(arch, pretrained=pretrained or None,
+                                               device="cpu", pretrained_text=bool(pretrained))
             return model, open_clip.get_tokenizer(arch)
         with tempfile.TemporaryDirectory(prefix="fsr-arch-") as folder:
             config = {"model_cfg": copy.deepcopy(model_cfg), "preprocess_cfg": {}}
             (Path(folder) / "open_clip_config.json").write_text(json.dumps(config))
             name = f"local-dir:{folder}"
-            # open_clip logs (on the root logger) that the temporary folder holds no
-            # weights; load_clip's own warning says it clearly, so drop those lines.
-            quiet = _DropMentions(folder)
-            logging.getLogger().addFilter(quiet)
-            try:
+            # open_clip notes that the temporary folder holds no weights: drop those lines.
+            with _drop_root_logs(folder):
                 model = open_clip.create_model(name, load_weights=False, device="cpu")
                 return model, open_clip.get_tokenizer(name)
-            finally:
-                logging.getLogger().removeFilter(quiet)
 
 
 def _known_arch(arch: str) -> dict[str, Any] | None:
@@ -157,8 +169,12 @@ def load_clip(arch: str, pretrained: str = "", seed: int = 0,
     model_cfg = _known_arch(arch)
     if not pretrained:
         model, tokenizer = _create(arch, model_cfg, None, seed)
-        log.warning("CLIP %s: weights are RANDOM (seeded init, seed %d); set model.pretrained "
-                    "to a checkpoint file or an open_clip tag for real weights", arch, seed)
+        # Once per process: a stage builds several models (trained, untrained, baseline).
+        level = logging.DEBUG if (arch, seed) in _WARNED_RANDOM else logging.WARNING
+        _WARNED_RANDOM.add((arch, seed))
+        log.log(level, "CLIP %s: weights are RANDOM (seeded init, seed %d); set "
+                "model.pretrained to a checkpoint file or an open_clip tag for real weights",
+                arch, seed)
     elif Path(pretrained).is_file():
         model, tokenizer = _create(arch, model_cfg, None, seed)
         _load_file(model, arch, Path(pretrained))
