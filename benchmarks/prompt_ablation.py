@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing it
 from pipeline import commands  # noqa: E402
 from pipeline.arrays import arrow_to_vectors  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.training import recall_at_1 as argmax_recall  # noqa: E402
 
 # (name, overrides): the paper's layout first (the shipped config), then the METHOD.md
 # section 3 ablations that change where the prompts come from.
@@ -76,9 +77,8 @@ def gram_signal(config: Config) -> dict[str, tuple[float, int, int]]:
     result = {}
     for style in sorted(set(styles)):
         keep = (styles == style) & np.isin(targets, photo_ids)
-        best = np.argmax(centred_unit(vecs[keep]) @ photo_vecs.T, axis=1)
-        result[style] = (float(np.mean(photo_ids[best] == targets[keep])), int(keep.sum()),
-                         len(photo_ids))
+        r1 = argmax_recall(centred_unit(vecs[keep]), targets[keep], photo_vecs, photo_ids)
+        result[style] = (r1, int(keep.sum()), len(photo_ids))
     return result
 
 

@@ -34,13 +34,13 @@ from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
 from pipeline.training import autocast
 
 EMPTY = "image_id BIGINT, embedding FLOAT[]"
-FILES = {"freestyle": "embeddings.parquet", "untrained": "untrained.parquet",
-         "baseline": "baseline.parquet"}
 
-
-# Methods with their own gallery embeddings, index and scores; artifact kind of each.
+# Methods with their own gallery embeddings, index and scores: the artifact kind of each and
+# its file in a shard's folder.
 METHOD_KINDS = {"freestyle": "embeddings", "untrained": "untrained_embeddings",
                 "baseline": "baseline_embeddings"}
+FILES = {"freestyle": "embeddings.parquet", "untrained": "untrained.parquet",
+         "baseline": "baseline.parquet"}
 
 
 def methods(config: Config) -> list[str]:
