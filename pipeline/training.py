@@ -117,14 +117,36 @@ def triplet_batches(data: TripletData, batch_size: int, num_workers: int,
                       pin_memory=pin_memory, drop_last=False)
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA as configured; fp32 (no autocast) on CPU."""
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype for `amp` on `device` (auto = bf16 where the GPU has it, else fp16);
+    None = fp32, always on CPU."""
     if device.type != "cuda" or amp == "off":
-        return contextlib.nullcontext()
+        return None
     if amp == "auto":
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA as configured; fp32 (no autocast) on CPU."""
+    dtype = amp_dtype(device, amp)
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
+
+
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast, whose small gradients underflow to zero without it (GPUs
+    without bf16: T4, V100); a pass-through for bf16 and fp32."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler) -> None:
+    """Backward and step through the scaler: it unscales the gradients before the step and
+    skips a step whose gradients overflowed (then lowers its scale)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, Any], tokenize: Callable,
@@ -147,17 +169,16 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, Any], tokenize: Callable
 
 
 def train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                tokenize: Callable, loss_fn: Callable, margin: float, device: torch.device,
-                amp: str, advance: Callable[[int], None]) -> float:
+                scaler: torch.amp.GradScaler, tokenize: Callable, loss_fn: Callable,
+                margin: float, device: torch.device, amp: str,
+                advance: Callable[[int], None]) -> float:
     """One pass over the loader; returns the mean loss (weighted by batch size)."""
     model.train()
     total, count = 0.0, 0
     for batch in loader:
         with autocast(device, amp):
             loss = batch_loss(model, batch, tokenize, loss_fn, margin, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
         n = len(batch["text"])
         total += float(loss.detach()) * n
         count += n
@@ -232,13 +253,14 @@ def checkpoint_paths(directory: Path, epoch: int) -> tuple[Path, Path]:
 
 
 def save_checkpoint(directory: Path, epoch: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, history: History,
-                    config: dict[str, Any]) -> Path:
-    """Weights + optimizer + RNG state, then the JSON sidecar last (its existence = complete)."""
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    history: History, config: dict[str, Any]) -> Path:
+    """Weights + optimizer + loss scale + RNG state, then the JSON sidecar last (its existence
+    = complete)."""
     weights, sidecar = checkpoint_paths(directory, epoch)
     with atomic_path(weights) as tmp:
         torch.save({"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp)
+                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
     meta = {"epoch": epoch, "config": config, "history": asdict(history)}
     with atomic_path(sidecar) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
@@ -256,13 +278,18 @@ def latest_checkpoint(directory: Path) -> int | None:
 
 
 def load_checkpoint(directory: Path, epoch: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None) -> History:
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> History:
     weights, sidecar = checkpoint_paths(directory, epoch)
     state = torch.load(weights, map_location="cpu", weights_only=False)
     model.load_trainable_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+    # A checkpoint from a run without fp16 (CPU, bf16) has an empty scaler state: a resumed
+    # fp16 run starts from the default scale.
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return History(**json.loads(sidecar.read_text())["history"])
 
 

@@ -35,6 +35,7 @@ from pipeline.training import (
     Query,
     TripletData,
     checkpoint_paths,
+    grad_scaler,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
@@ -114,6 +115,7 @@ class TrainStage(Stage):
                      len(val_gallery), f"{trainable:,}", f"{frozen:,}")
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                      lr=cfg.lr)
+        scaler = grad_scaler(device, cfg.amp)
         image_size = model.clip_image_size
         max_pixels = ctx.config.data.max_image_pixels
         out = ctx.out_dir / unit.key
@@ -128,10 +130,10 @@ class TrainStage(Stage):
         if start is None:  # epoch 0: the untrained prompts, the reference to beat
             history = History()
             self._end_epoch(ctx, unit, out, 0, {"loss": float("nan"), **evaluate()}, model,
-                            optimizer, history, saved_config)
+                            optimizer, scaler, history, saved_config)
             start = 0
         else:
-            history = load_checkpoint(out, start, model, optimizer)
+            history = load_checkpoint(out, start, model, optimizer, scaler)
             ctx.log.info("train: resuming after epoch %d (best so far: epoch %d, R@1 %.3f)",
                          start, history.best_epoch, history.best_score)
         for epoch in range(start + 1, cfg.epochs + 1):
@@ -144,18 +146,18 @@ class TrainStage(Stage):
             loader = triplet_batches(data, cfg.batch_size, cfg.num_workers,
                                      pin_memory=device.type == "cuda")
             with ctx.progress(f"train epoch {epoch}", len(data)) as advance:
-                loss = train_epoch(model, loader, optimizer, tokenizer, triplet_loss,
+                loss = train_epoch(model, loader, optimizer, scaler, tokenizer, triplet_loss,
                                    cfg.margin, device, cfg.amp, advance)
             self._end_epoch(ctx, unit, out, epoch, {"loss": loss, **evaluate()}, model,
-                            optimizer, history, saved_config)
+                            optimizer, scaler, history, saved_config)
         sizes = {"validation_photos": len(val_photos), "validation_gallery": len(val_gallery)}
         return self._result(out, model, history, trainable, frozen, sizes)
 
     def _end_epoch(self, ctx: StageContext, unit: UnitRow, out, epoch: int,
-                   metrics: dict[str, float], model, optimizer, history: History,
+                   metrics: dict[str, float], model, optimizer, scaler, history: History,
                    saved_config: dict) -> None:
         best = history.update(epoch, metrics)
-        save_checkpoint(out, epoch, model, optimizer, history, saved_config)
+        save_checkpoint(out, epoch, model, optimizer, scaler, history, saved_config)
         prune_checkpoints(out, keep={epoch, history.best_epoch})
         ctx.catalog.add_metrics(ctx.stage, unit.key, ctx.fingerprint, _epoch_metrics(
             history.epochs[-1]))

@@ -36,7 +36,18 @@ from pipeline.data.images import load_rgb, to_tensor
 from pipeline.models.clip import DEMO_ARCHS
 from pipeline.models.factory import build_model
 from pipeline.runner import fingerprints
-from pipeline.training import Query, validate, validation_gallery
+from pipeline.training import (
+    History,
+    Query,
+    amp_dtype,
+    decode,
+    grad_scaler,
+    load_checkpoint,
+    optimizer_step,
+    save_checkpoint,
+    validate,
+    validation_gallery,
+)
 from stages import all_stages
 
 ITEMS = 16  # 4 prepare shards of 4 photos; 16 text + 48 image queries
@@ -146,6 +157,71 @@ def test_validation_ranks_queries_against_the_distractors_too():
     assert recall({1: "p1.png", 2: "p2.png", 9: "p9.png"}) == 0.0
 
 
+def test_mixed_precision_dtype_per_device_and_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert [amp_dtype(cpu, amp) for amp in ("auto", "bf16", "fp16", "off")] == [None] * 4
+    assert amp_dtype(cuda, "bf16") == torch.bfloat16 and amp_dtype(cuda, "fp16") == torch.float16
+    assert amp_dtype(cuda, "off") is None
+    assert not grad_scaler(cpu, "fp16").is_enabled()  # CPU trains in fp32: nothing to scale
+
+
+def _sgd_layer() -> tuple[torch.nn.Linear, torch.optim.Optimizer, torch.Tensor]:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+    return layer, torch.optim.SGD(layer.parameters(), lr=0.1), torch.randn(8, 4)
+
+
+def test_loss_scaler_steps_on_unscaled_gradients_and_skips_overflow():
+    # SGD moves by lr * gradient: a step on the scaled gradient would move 4096 times as far.
+    layer, optimizer, x = _sgd_layer()
+    start = layer.weight.detach().clone()
+    optimizer_step(layer(x).square().mean(), optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    plain = layer.weight.detach().clone()
+    assert not torch.equal(plain, start)
+
+    layer, optimizer, x = _sgd_layer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    optimizer_step(layer(x).square().mean(), optimizer, scaler)
+    torch.testing.assert_close(layer.weight.detach(), plain)
+    # fp16 overflow shows as inf gradients: that step is skipped and the scale halves
+    optimizer_step(layer(x).square().mean() * float("inf"), optimizer, scaler)
+    torch.testing.assert_close(layer.weight.detach(), plain)
+    assert scaler.get_scale() == 2.0**11
+
+
+class _Trainable(torch.nn.Linear):
+    """The two methods checkpoints use, on a plain layer."""
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
+
+
+def test_checkpoint_keeps_the_loss_scale(tmp_path):
+    def checkpoint(epoch: int, scaler: torch.amp.GradScaler) -> None:
+        layer = _Trainable(4, 1)
+        save_checkpoint(tmp_path, epoch, layer, torch.optim.SGD(layer.parameters(), lr=0.1),
+                        scaler, History(), {})
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    layer, optimizer, x = _sgd_layer()
+    for _ in range(3):  # three overflowed steps halve the scale three times
+        optimizer_step(layer(x).sum() * float("inf"), optimizer, scaler)
+    checkpoint(1, scaler)
+    checkpoint(2, torch.amp.GradScaler("cpu", enabled=False))  # a CPU / bf16 run's checkpoint
+
+    def resumed(epoch: int) -> float:
+        layer, fresh = _Trainable(4, 1), torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        load_checkpoint(tmp_path, epoch, layer, torch.optim.SGD(layer.parameters(), lr=0.1),
+                        fresh)
+        return fresh.get_scale()
+
+    assert resumed(1) == 2.0**9
+    assert resumed(2) == 2.0**16  # resumed under fp16: starts from the default scale
+
+
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Path:
     """A tiny demo run through embed with BASE (the reference for several tests)."""
@@ -227,6 +303,50 @@ def test_train_and_embed_end_to_end(shared):
     assert x16.shape == x.shape
     np.testing.assert_allclose(x16, x, atol=1e-3)
     np.testing.assert_allclose(np.linalg.norm(x16, axis=1), 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("device,amp", [
+    ("cpu", "off"),
+    pytest.param("cuda", "bf16", marks=pytest.mark.gpu),
+    pytest.param("cuda", "fp16", marks=pytest.mark.gpu),  # the GradScaler path
+])
+def test_train_embed_score_on_the_device_match_fp32_cpu(tmp_path, device, amp):
+    """The stages' device paths (autocast, loss scaling, pinned non-blocking copies) end to end:
+    training moves the prompts with finite losses, and the gallery embeddings embed wrote equal
+    an fp32 CPU encode of the same trained weights."""
+    # lr 0.01: validation improves after epoch 0 here, so model.pt (what embed uses) is trained
+    overrides = [*BASE, "train.lr=0.01", f"run.device={device}",
+                 *(f"{stage}.amp={amp}" for stage in ("train", "embed", "score"))]
+    config = load_config(write_tiny_config(tmp_path, tmp_path / "run", items=ITEMS), overrides)
+    commands.run(config, ["score"], progress=False)
+    catalog = Catalog.in_dir(config.work_dir)
+
+    losses = [loss for _, loss, _ in history(config)[1:]]
+    assert len(losses) == EPOCHS and all(math.isfinite(x) and x > 0 for x in losses), losses
+    centres = arrow_to_vectors(catalog.query("SELECT centre FROM style_centres "
+                                             "ORDER BY cluster")["centre"])
+    model, _ = build_model(config, centres, torch.device("cpu"))
+    untrained = model.trainable_state_dict()
+    moved = [k for k, t in last_state(config).items() if not torch.equal(t, untrained[k])]
+    assert moved, "no trainable tensor changed in training"
+
+    model.load_trainable_state_dict(trained_state(config))
+    model.eval()
+    rows = catalog.rows("SELECT image_id, path FROM gallery ORDER BY image_id")
+    pixels = torch.stack([decode(path, config.extract.image_size, config.data.max_image_pixels)
+                          for _, path in rows])
+    with torch.inference_mode():
+        reference = model.encode_image(pixels).numpy()
+    stored = catalog.query("SELECT image_id, embedding FROM gallery_embeddings ORDER BY image_id")
+    assert stored["image_id"].to_pylist() == [i for i, _ in rows]
+    cosine = np.sum(arrow_to_vectors(stored["embedding"]) * reference, axis=1)
+    assert cosine.min() > (1 - 1e-5 if amp == "off" else 0.99), cosine.min()
+
+    (n_queries,), = catalog.rows("SELECT count(*) FROM queries WHERE split = 'test'")
+    scored = catalog.rows("SELECT method, count(*) FROM retrieval_metrics WHERE metric = "
+                          "'recall' AND k = 1 AND protocol = 'gallery' AND fusion = 'none' "
+                          "AND value BETWEEN 0 AND 1 GROUP BY method ORDER BY method")
+    assert n_queries > 0 and scored == [("baseline", 4), ("freestyle", 4)], scored
 
 
 @pytest.mark.slow
