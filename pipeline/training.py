@@ -122,8 +122,8 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     None = fp32, always on CPU."""
     if device.type != "cuda" or amp == "off":
         return None
-    if amp == "auto":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "auto":  # native bf16 only (Ampere on): emulated bf16 on a T4 / V100 is slow
+        amp = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.images import BadInput, check_caption, load_rgb, read_caption, to_tensor
+from pipeline.data.loader import ImageItem, iter_batches
 
 MAX_PIXELS = 40_000_000
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
@@ -282,3 +283,32 @@ def test_to_tensor_resize_and_crop(size: tuple[int, int]) -> None:
 def test_to_tensor_rejects_non_rgb() -> None:
     with pytest.raises(ValueError, match="RGB"):
         to_tensor(Image.new("L", (8, 8)), 4)
+
+
+def _loader_items(tmp_path: Path) -> list[ImageItem]:
+    paths = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    paths.insert(1, tmp_path / "bad.png")
+    return [ImageItem("gallery", i, str(p)) for i, p in enumerate(paths)]
+
+
+def test_iter_batches_keeps_order_and_reports_bad_inputs(tmp_path):
+    batches = list(iter_batches(_loader_items(tmp_path), 16, 10**8, batch_size=2,
+                                num_workers=0))
+    assert [[i.item_id for i in b.items] for b in batches] == [[0], [2, 3]]
+    assert [[(i.item_id, reason != "") for i, reason in b.failures] for b in batches] == [
+        [(1, True)], []]
+    assert [tuple(b.pixels.shape) for b in batches] == [(1, 3, 16, 16), (2, 3, 16, 16)]
+    assert batches[0].pixels[0, 0].mean() > 0.9 > batches[0].pixels[0, 1:].mean()  # red
+
+
+@pytest.mark.gpu
+def test_batches_come_pinned_for_non_blocking_copies(tmp_path):
+    # The DataLoader pins only types it knows, or ones with a pin_memory() method (Batch has).
+    batches = list(iter_batches(_loader_items(tmp_path), 16, 10**8, batch_size=2,
+                                num_workers=0, pin_memory=True))
+    assert all(b.pixels.is_pinned() for b in batches)
+    assert [i.item_id for b in batches for i, _ in b.failures] == [1]

@@ -28,6 +28,12 @@ class Batch:
     pixels: torch.Tensor | None        # (n, 3, size, size) float32 in [0, 1]
     failures: list[tuple[ImageItem, str]]
 
+    def pin_memory(self) -> Batch:
+        """What the DataLoader calls with `pin_memory=True` (it leaves unknown types unpinned):
+        the pixels in page-locked memory, so the copy to the GPU can be non-blocking."""
+        pixels = None if self.pixels is None else self.pixels.pin_memory()
+        return Batch(self.items, pixels, self.failures)
+
 
 class ImageItems(Dataset):
     """Items -> (item, tensor) or (item, reason) for bad inputs."""
