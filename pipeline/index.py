@@ -20,6 +20,7 @@ a memory budget and says why in `IndexPlan.reason` (the stage logs it and stores
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -30,6 +31,8 @@ import faiss
 import numpy as np
 
 from pipeline.artifacts import atomic_path
+
+log = logging.getLogger(__name__)
 
 # Below this many vectors exact search is cheap (10k x 512 floats = 20 MB) and needs no training.
 FLAT_BELOW = 10_000
@@ -211,8 +214,19 @@ def _vectors(name: str, x: np.ndarray, d: int, unit: bool) -> np.ndarray:
 
 
 def _is_gpu(index: faiss.Index) -> bool:
+    """Whether the index, or the IVF part behind an OPQ / PCA pre-transform (which the GPU
+    cloner leaves on the CPU around it), lives on a GPU."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return _is_gpu(index.index)
     return type(index).__name__.startswith("Gpu") or isinstance(
         index, (faiss.IndexReplicas, faiss.IndexShards))
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    """Whether nprobe applies: an IVF index on the CPU, or any index on a GPU (`to_gpu` only
+    copies IVF indexes; faiss's GPU classes are not CPU IndexIVF subclasses)."""
+    return faiss.try_extract_index_ivf(index) is not None or _is_gpu(index)
 
 
 def to_cpu(index: faiss.Index) -> faiss.Index:
@@ -220,14 +234,42 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index
 
 
+# faiss's GPU search takes k and nprobe up to this.
+GPU_MAX_K = 2048
+
+
 def to_gpu(index: faiss.Index) -> faiss.Index:
-    """A copy on all visible GPUs (PQ lookup tables in float16, which large m needs)."""
+    """A copy of an IVF index on all visible GPUs (PQ lookup tables in float16, which large m
+    needs). Raises RuntimeError where faiss-gpu cannot hold it (see `maybe_to_gpu`)."""
     if faiss.get_num_gpus() == 0:
-        raise RuntimeError("no GPU visible to faiss (install faiss-gpu and check CUDA)")
-    options = faiss.GpuMultipleClonerOptions()
+        raise RuntimeError("no GPU visible to faiss (install fsr-pipe[gpu] and check CUDA)")
     ivf = faiss.try_extract_index_ivf(index)
-    options.useFloat16 = ivf is not None and hasattr(faiss.downcast_index(ivf), "pq")
+    if ivf is None:
+        raise ValueError("only IVF indexes are copied to the GPU; search a flat one on the CPU")
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = hasattr(faiss.downcast_index(ivf), "pq")
     return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def maybe_to_gpu(index: faiss.Index, k: int = 0, nprobe: int = 0) -> faiss.Index:
+    """A GPU copy of an IVF index when faiss sees a GPU and can hold and search it; otherwise the
+    index itself (CPU search gives the same results, slower), with a warning saying why.
+
+    k and nprobe: the largest the caller will search with (faiss's GPU limit is GPU_MAX_K).
+    faiss-gpu rejects some layouts the CPU takes (e.g. PQ codes of other than 8 bits).
+    """
+    if faiss.get_num_gpus() == 0 or faiss.try_extract_index_ivf(index) is None:
+        return index
+    if max(k, nprobe) > GPU_MAX_K:
+        log.warning("index stays on the CPU: searches need k = %d, nprobe = %d, above faiss's "
+                    "GPU limit of %d", k, nprobe, GPU_MAX_K)
+        return index
+    try:
+        return to_gpu(index)
+    except RuntimeError as error:
+        log.warning("index stays on the CPU: faiss-gpu cannot hold it (%s)",
+                    str(error).strip().splitlines()[-1])
+        return index
 
 
 def train_index(plan: IndexPlan, xt: np.ndarray, use_gpu: bool = False) -> faiss.Index:
@@ -249,8 +291,8 @@ def train_index(plan: IndexPlan, xt: np.ndarray, use_gpu: bool = False) -> faiss
         if len(xt) < max(plan.nlist, 1):
             raise ValueError(f"training {plan.factory!r} needs at least {plan.nlist} vectors; "
                              f"got {len(xt)}")
-        if use_gpu and ivf is not None and faiss.get_num_gpus() > 0:
-            index = to_gpu(index)
+        if use_gpu:
+            index = maybe_to_gpu(index)
         index.train(xt)
     if ivf is None and not isinstance(
             faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
@@ -301,7 +343,7 @@ def _set_nprobe(index: faiss.Index, nprobe: int) -> None:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = nprobe
-    elif _is_gpu(index) and faiss.get_num_gpus() > 0:
+    elif _is_gpu(index):  # GPU IVF classes, also behind a pre-transform
         faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
 
 

@@ -21,6 +21,7 @@ idempotently.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,15 +37,18 @@ from pipeline.artifacts import atomic_path
 from pipeline.index import (
     IndexPlan,
     add_shard,
+    is_ivf,
     knn_recall,
     load_index,
+    maybe_to_gpu,
     rerank,
     sample_ids,
     save_index,
     search,
-    to_gpu,
     train_index,
 )
+
+log = logging.getLogger(__name__)
 
 TRAINED = "trained.faiss"
 PARTIAL = "partial.faiss"
@@ -246,6 +250,9 @@ def build_index(
     if n != plan.n:
         raise ValueError(f"the plan is for {plan.n} vectors but the shards hold {n}")
     gpu = use_gpu and faiss.get_num_gpus() > 0
+    if use_gpu and not gpu:
+        log.warning("faiss sees no GPU (faiss-cpu installed?): the index is built on the CPU; "
+                    "install fsr-pipe[gpu] instead of fsr-pipe[cpu] for GPU indexes")
 
     started = time.monotonic()
     trained_path = work_dir / TRAINED
@@ -263,8 +270,8 @@ def build_index(
     started = time.monotonic()
     resumed = _load_checkpoint(work_dir, plan.d)
     index, added = resumed if resumed else (load_index(trained_path, expect_d=plan.d), [])
-    if gpu and faiss.try_extract_index_ivf(index) is not None:
-        index = to_gpu(index)
+    if gpu:
+        index = maybe_to_gpu(index)
     done, resumed_shards = set(added), len(added)
     vectors_path = work_dir / VECTORS
     if added and vectors_path.is_file() and not (work_dir / f"{VECTORS}.partial").exists():
@@ -354,14 +361,14 @@ def check_recall(
     _, I_exact = exact_search(store, xq, min(11, store.n))
     I_exact = _drop_self(I_exact, query_ids, 10)
     k_short = min(max(rerank_k, 11), store.n)
-    is_ivf = faiss.try_extract_index_ivf(index) is not None
+    ivf = is_ivf(index)
     rows = []
-    for nprobe in (nprobes if is_ivf else nprobes[:1]):
+    for nprobe in (nprobes if ivf else nprobes[:1]):
         started = time.perf_counter()
         _, I_plain = search(index, xq, min(11, store.n), nprobe)
         seconds = time.perf_counter() - started
         plain = _drop_self(I_plain, query_ids, 10)
-        rows.append(RecallRow(nprobe if is_ivf else 0, 0, knn_recall(plain, I_exact, 1, 1),
+        rows.append(RecallRow(nprobe if ivf else 0, 0, knn_recall(plain, I_exact, 1, 1),
                               knn_recall(plain, I_exact, 10, 10), n_queries / seconds,
                               n_queries))
         started = time.perf_counter()
@@ -369,7 +376,7 @@ def check_recall(
         _, I_re = rerank(xq, I_short, store.lookup, min(11, store.n))
         seconds = time.perf_counter() - started
         reranked = _drop_self(I_re, query_ids, 10)
-        rows.append(RecallRow(nprobe if is_ivf else 0, k_short,
+        rows.append(RecallRow(nprobe if ivf else 0, k_short,
                               knn_recall(reranked, I_exact, 1, 1),
                               knn_recall(reranked, I_exact, 10, 10), n_queries / seconds,
                               n_queries))

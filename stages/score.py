@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -40,7 +39,7 @@ from pipeline.catalog import FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.config import Config, ScoreConfig, fingerprint_fields
 from pipeline.data.loader import ImageItem, iter_batches
 from pipeline.device import resolve_device
-from pipeline.index import load_index, search_fused_max, search_rerank, to_gpu
+from pipeline.index import load_index, maybe_to_gpu, search_fused_max, search_rerank
 from pipeline.index_build import VectorStore
 from pipeline.models.clip import encode_image_baseline, encode_text, load_clip
 from pipeline.models.factory import pretrained_source
@@ -101,10 +100,6 @@ class ScoreStage(Stage):
         index_dir = ctx.input_path("index", "index", unit.key)
         store = VectorStore.open(ctx.input_path("index", "vectors", unit.key))
         index = load_index(index_dir, expect_d=store.d, expect_ntotal=store.n)
-        if (ctx.config.index.use_gpu and faiss.get_num_gpus() > 0
-                and resolve_device(ctx.config.run.device).type == "cuda"
-                and faiss.try_extract_index_ivf(index) is not None):
-            index = to_gpu(index)  # GPU search: k and nprobe <= 2048
         queries, gallery_labels = _test_queries(ctx, store)
         if not len(queries):
             raise PipelineError("score: no test-split query has its photo in the gallery; "
@@ -122,6 +117,8 @@ class ScoreStage(Stage):
         query_sets = _query_sets(queries, emb, cfg, ctx)
         depth = min(store.n, max(max(cfg.ks), cfg.keep_k,
                                  cfg.map_k if gallery_labels is not None else 0))
+        if ctx.config.index.use_gpu and resolve_device(ctx.config.run.device).type == "cuda":
+            index = maybe_to_gpu(index, k=max(depth, cfg.rerank_k), nprobe=cfg.nprobe)
         with ctx.progress(f"score {method}", sum(len(s.query_ids) for s in query_sets)) as tick:
             for qs in query_sets:
                 if qs.fusion == "max":

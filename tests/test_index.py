@@ -325,3 +325,55 @@ def test_gpu_training_matches_cpu_recall(tmp_path, gallery) -> None:
     loaded = load_index(save_index(index, tmp_path / "gpu.faiss"), D, len(ids))
     assert isinstance(loaded, faiss.IndexIVFPQ)
     assert knn_recall(search(loaded, xq, 10, nprobe=8)[1], exact, 10, 10) > 0.55
+
+
+def test_is_ivf_sees_through_wrappers() -> None:
+    xt = _clustered(2_000, seed=3)
+    assert index_module.is_ivf(faiss.index_factory(D, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT))
+    opq = faiss.index_factory(D, "OPQ8,IVF16,PQ8", faiss.METRIC_INNER_PRODUCT)
+    assert index_module.is_ivf(opq) and not index_module._is_gpu(opq)
+    flat = train_index(plan_index(len(xt), D, factory="Flat"), xt)  # in an IndexIDMap2
+    assert not index_module.is_ivf(flat) and not index_module._is_gpu(flat)
+
+
+def test_maybe_to_gpu_stays_on_cpu_with_a_warning(monkeypatch, caplog) -> None:
+    """What a GPU machine does when faiss-gpu cannot take an index: search it on the CPU."""
+    ivf = faiss.index_factory(D, "IVF16,Flat", faiss.METRIC_INNER_PRODUCT)
+    flat = faiss.index_factory(D, "Flat", faiss.METRIC_INNER_PRODUCT)
+    assert index_module.maybe_to_gpu(ivf) is ivf  # no GPU visible to faiss: silently the CPU
+    monkeypatch.setattr(index_module.faiss, "get_num_gpus", lambda: 1)
+
+    def unsupported(index):
+        raise RuntimeError("Error in GpuIndexIVFPQ: ...\nBits per code must be 8")
+
+    monkeypatch.setattr(index_module, "to_gpu", unsupported)
+    with caplog.at_level("WARNING", logger="pipeline.index"):
+        assert index_module.maybe_to_gpu(flat) is flat  # flat search is not copied
+        assert not caplog.text
+        assert index_module.maybe_to_gpu(ivf, k=4096, nprobe=32) is ivf
+        assert "k = 4096" in caplog.text and "GPU limit of 2048" in caplog.text
+        assert index_module.maybe_to_gpu(ivf, k=100, nprobe=32) is ivf
+        assert "faiss-gpu cannot hold it (Bits per code must be 8)" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="faiss sees no GPU (needs faiss-gpu + CUDA)")
+def test_gpu_pretransform_and_unsupported_layouts(tmp_path, caplog) -> None:
+    # Unclustered vectors, where nprobe matters (top-10 overlap of nprobe 1 and 64: 0.21).
+    rng = np.random.default_rng(0)
+    xb, xq = _unit(rng.normal(size=(20_000, D))), _unit(rng.normal(size=(200, D)))
+    ids = np.arange(len(xb), dtype=np.int64)
+    # OPQ in front: the cloner keeps the rotation on the CPU around a GPU IVF index; nprobe
+    # must still reach it, and saving must bring it back to the CPU.
+    opq = train_index(plan_index(len(ids), D, factory="OPQ8,IVF64,PQ8"), xb, use_gpu=True)
+    assert index_module._is_gpu(opq) and index_module.is_ivf(opq)
+    add_shard(opq, ids, xb)
+    loaded = load_index(save_index(opq, tmp_path / "opq.faiss"), D, len(ids))
+    assert not index_module._is_gpu(loaded)
+    on_gpu, on_cpu = (search(opq, xq, 10, 64)[1], search(loaded, xq, 10, 64)[1])
+    assert knn_recall(on_gpu, on_cpu, 10, 10) > 0.8  # float16 lookup tables: near, not equal
+    assert knn_recall(on_gpu, search(loaded, xq, 10, 1)[1], 10, 10) < 0.5  # nprobe took effect
+    with caplog.at_level("WARNING", logger="pipeline.index"):
+        pq4 = train_index(plan_index(len(ids), D, factory="IVF64,PQ8x4"), xb, use_gpu=True)
+    # 4-bit PQ: classic faiss-gpu has no kernels for it (cuVS builds may): the CPU, and a warning.
+    assert index_module._is_gpu(pq4) or "stays on the CPU" in caplog.text

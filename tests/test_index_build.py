@@ -252,6 +252,19 @@ def test_check_recall_flat_is_exact_and_ivfpq_reranks_better(tmp_path, shards) -
     assert all(r.n_queries == 200 and r.queries_per_s > 0 for r in rows)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="faiss sees no GPU (needs faiss-gpu + CUDA)")
+def test_gpu_build_checks_recall_at_every_nprobe(tmp_path, shards) -> None:
+    # faiss's GPU IVF classes are not CPU IndexIVF subclasses: nprobe must still be swept.
+    gpu = build_index(shards, plan_index(3000, D, "IVF16,PQ8"), tmp_path / "gpu", seed=0,
+                      use_gpu=True)
+    rows = check_recall(gpu.index, VectorStore.open(gpu.vectors_path), 200, seed=0,
+                        nprobes=(1, 16), rerank_k=50)
+    assert [(r.nprobe, r.rerank_k) for r in rows] == [(1, 0), (1, 50), (16, 0), (16, 50)]
+    by = {(r.nprobe, r.rerank_k): r for r in rows}
+    assert by[16, 50].recall_10_at_10 >= 0.9 > by[1, 0].recall_10_at_10
+
+
 def test_check_recall_leaves_the_query_out(tmp_path) -> None:
     """Duplicated vectors: the self-match must not count, its twin must."""
     x = _unit(np.random.default_rng(0).normal(size=(50, D)))
