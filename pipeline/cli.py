@@ -13,6 +13,14 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+try:
+    import faiss  # noqa: F401 - checked first: a missing extra is one line, not a traceback
+except ModuleNotFoundError as _missing:
+    if _missing.name != "faiss":
+        raise
+    sys.exit("error: faiss is not installed. Install fsr-pipe with one of its faiss extras: "
+             "pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' on a CUDA 12 machine "
+             "(faiss-gpu-cu12); not both, they install the same faiss module")
 import typer
 from rich.console import Console
 from rich.logging import RichHandler

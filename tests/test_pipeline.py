@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO_ROOT
 from typer.testing import CliRunner
 
 from pipeline import commands
@@ -139,3 +144,19 @@ def test_artifacts_match_their_catalog_records(tiny_config):
             "SELECT path, rows, sha256 FROM artifacts"):
         assert sha256_file(path) == sha
         assert pq.read_metadata(path).num_rows == rows
+
+
+def test_cli_without_faiss_names_the_extras(tmp_path):
+    """A `pip install -e .` without the cpu or gpu extra: one line saying which to install."""
+    stub = tmp_path / "faiss"  # shadows the installed faiss, as if no extra was installed
+    stub.mkdir()
+    (stub / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'faiss'\", name='faiss')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "status"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: faiss is not installed. Install fsr-pipe with one of its faiss extras: "
+        "pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' on a CUDA 12 machine "
+        "(faiss-gpu-cu12); not both, they install the same faiss module"]
