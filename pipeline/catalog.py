@@ -11,6 +11,7 @@ See docs/resume.md for the whole design.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -79,6 +80,18 @@ class ViewSpec:
     kind: str
     # Column list used when no file exists yet, so the view always binds.
     empty_columns: str
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """A stage's plan as the `stages` table stores it (without planned_at)."""
+
+    stage: str
+    fingerprint: str
+    code_version: str
+    config_json: str
+    inputs_json: str
+    notes: str | None = None
 
 
 def _read_sql(name: str) -> str:
@@ -163,10 +176,7 @@ class Catalog:
     def query(self, sql: str, params: Sequence[Any] = (), read_only: bool = True) -> Any:
         """Run one statement; returns a pyarrow Table of the result."""
         with self.connect(read_only=read_only) as con:
-            relation = con.sql(sql, params=list(params) or None)
-            # duckdb 2 renamed Relation.arrow() to to_arrow_table().
-            to_table = getattr(relation, "to_arrow_table", None) or relation.arrow
-            return to_table()
+            return _to_arrow(con.sql(sql, params=list(params) or None))
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.connect(read_only=self.path.exists()) as con:
@@ -370,19 +380,52 @@ class Catalog:
         """(Re)create each artifact view over the done files of its stage's current plan."""
         with self.transaction() as con:
             for spec in specs:
-                paths = [r[0] for r in con.execute(
-                    "SELECT a.path FROM artifacts a JOIN stages s "
-                    "ON a.stage = s.stage AND a.fingerprint = s.fingerprint "
-                    "WHERE a.stage = ? AND a.kind = ? ORDER BY a.unit_key, a.path",
-                    [spec.stage, spec.kind],
-                ).fetchall()]
-                if paths:
-                    files = "[" + ", ".join(_sql_string(p) for p in paths) + "]"
-                    body = f"SELECT * FROM read_parquet({files})"
-                else:
-                    nulls = ", ".join(
-                        f"CAST(NULL AS {col.split(maxsplit=1)[1]}) AS {col.split()[0]}"
-                        for col in spec.empty_columns.split(",")
-                    )
-                    body = f"SELECT {nulls} WHERE false"
-                con.execute(f"CREATE OR REPLACE VIEW {spec.name} AS {body}")
+                con.execute(f"CREATE OR REPLACE VIEW {spec.name} AS {_view_body(con, spec)}")
+
+    def query_plans(self, sql: str, plans: Sequence[PlanRow], specs: Sequence[ViewSpec]) -> Any:
+        """Run `sql` read-only as if `plans` were the current plans.
+
+        Temporary views named `stages` and after every spec shadow the stored ones for this
+        connection only, so the views of views.sql and the artifact views all follow `plans`
+        (the config a user passes to `fsr-pipe sql`), not the plans of the last run.
+        """
+        with self.connect(read_only=True) as con:
+            rows = ", ".join(
+                "(" + ", ".join(_sql_string(v) if v is not None else "NULL::VARCHAR"
+                                for v in dataclasses.astuple(p)) + ")" for p in plans)
+            db = '"' + con.execute("SELECT current_database()").fetchone()[0] + '"'
+            con.execute(
+                "CREATE TEMP VIEW stages AS SELECT p.*, s.planned_at FROM (VALUES "
+                f"{rows}) p(stage, fingerprint, code_version, config_json, inputs_json, notes) "
+                f"LEFT JOIN {db}.main.stages s USING (stage, fingerprint) WHERE EXISTS (SELECT 1 "
+                f"FROM {db}.main.units u WHERE u.stage = p.stage AND u.fingerprint = p.fingerprint)"
+            )
+            for spec in specs:
+                con.execute(f"CREATE TEMP VIEW {spec.name} AS {_view_body(con, spec)}")
+            relation = con.sql(sql)
+            return _to_arrow(relation)
+
+
+def _view_body(con: duckdb.DuckDBPyConnection, spec: ViewSpec) -> str:
+    """SELECT over the done files of `spec` in the plan that `stages` names (an empty but
+    typed result while there are none, so the view always binds)."""
+    paths = [r[0] for r in con.execute(
+        "SELECT a.path FROM artifacts a JOIN stages s "
+        "ON a.stage = s.stage AND a.fingerprint = s.fingerprint "
+        "WHERE a.stage = ? AND a.kind = ? ORDER BY a.unit_key, a.path",
+        [spec.stage, spec.kind],
+    ).fetchall()]
+    if paths:
+        files = "[" + ", ".join(_sql_string(p) for p in paths) + "]"
+        return f"SELECT * FROM read_parquet({files})"
+    nulls = ", ".join(
+        f"CAST(NULL AS {col.split(maxsplit=1)[1]}) AS {col.split()[0]}"
+        for col in spec.empty_columns.split(",")
+    )
+    return f"SELECT {nulls} WHERE false"
+
+
+def _to_arrow(relation: duckdb.DuckDBPyRelation) -> Any:
+    # duckdb 2 renamed Relation.arrow() to to_arrow_table().
+    to_table = getattr(relation, "to_arrow_table", None) or relation.arrow
+    return to_table()

@@ -9,7 +9,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +28,7 @@ except ModuleNotFoundError as _missing:
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline import commands
@@ -61,9 +66,23 @@ def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) 
     return load_config(config_path, overrides or [])
 
 
-def _fail(exc: Exception, code: int) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+def _fail(exc: Exception | str, code: int) -> None:
+    # escape: messages name config sections as [model], which rich would read as markup.
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's time limit, `kill`): unwinds like Ctrl-C, so the running unit is
+    marked failed and its temporary files are removed, instead of dying silently."""
+
+
+def _on_sigterm(main_pid: int):  # noqa: ANN202
+    def handler(signum, frame):  # noqa: ANN001, ANN202, ARG001
+        if os.getpid() != main_pid:  # a DataLoader worker: just go, the main process reports
+            os._exit(128 + signal.SIGTERM)
+        raise Terminated()
+    return handler
 
 
 def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signature
@@ -72,12 +91,24 @@ def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signatur
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             _fail(exc, 2)
         except (PipelineError, SourceError, CatalogBusy, WeightsError, FileNotFoundError) as exc:
             _fail(exc, 1)
+        except KeyboardInterrupt:
+            _fail("interrupted; finished units are kept, run the same command again to resume",
+                  128 + signal.SIGINT)
+        except Terminated:
+            _fail("terminated (SIGTERM); finished units are kept, run the same command again "
+                  "to resume", 128 + signal.SIGTERM)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -95,14 +126,23 @@ def run_cmd(
     cfg = _setup(config, overrides, quiet)
     reports = commands.run(cfg, [target])
     _print_reports(reports)
+    same = _same_config(config, overrides)
     recall = commands.recall_table(cfg) if target in ("all", "score") else None
     if recall is not None and len(recall):
         typer.echo(_render(_recall_view(recall)))
-        typer.echo(f"Again, or as data: fsr-pipe sql \"{commands.RECALL_SQL}\"")
+        typer.echo(f"Again, or as data: fsr-pipe sql \"{commands.RECALL_SQL}\"{same}")
     if target in ("all", "cluster", "score"):
         console.print(f"\nResults in [bold]{cfg.work_dir}[/] (catalog: "
                       f"{cfg.work_dir / 'catalog.duckdb'}). Try:\n"
-                      f"  fsr-pipe sql \"{FIRST_SQL}\"", highlight=False, soft_wrap=True)
+                      f"  fsr-pipe sql \"{FIRST_SQL}\"{same}", highlight=False, soft_wrap=True)
+
+
+def _same_config(config: Path, overrides: list[str] | None) -> str:
+    """The --config/--set flags that select this config again (for the commands we suggest)."""
+    flags = [] if config == Path("pipeline.toml") else ["--config", str(config)]
+    for text in overrides or []:
+        flags += ["--set", text]
+    return "".join(" " + shlex.quote(f) for f in flags)
 
 
 # RECALL_SQL's method columns: (column, header suffix, title name).
@@ -134,7 +174,7 @@ def _recall_view(result) -> Table:
 @_guard
 def stage_cmd(
     name: Annotated[str, typer.Argument(help="Stage to run (its inputs must be complete).")],
-    shard: Annotated[int | None, typer.Option(help="Run only this shard's unit.")] = None,
+    shard: Annotated[int | None, typer.Option(min=0, help="Run only this shard's unit.")] = None,
     config: ConfigOption = Path("pipeline.toml"),
     overrides: SetOption = None,
     quiet: QuietOption = False,
@@ -170,11 +210,14 @@ def reset_cmd(
     config: ConfigOption = Path("pipeline.toml"),
     overrides: SetOption = None,
 ) -> None:
-    """Forget a stage and the stages after it, and delete their files."""
+    """Forget a stage and the stages after it, under every config run in this work dir (all
+    fingerprints), and delete their files."""
     cfg = _setup(config, overrides, quiet=True)
-    if not yes and sys.stdin.isatty():
-        typer.confirm(f"Delete results of {name} and every stage after it in {cfg.work_dir}?",
-                      abort=True)
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail("reset deletes results and stdin is not a terminal to ask; pass --yes", 2)
+        typer.confirm(f"Delete every result of {name} and of each stage after it in "
+                      f"{cfg.work_dir}?", abort=True)
     names = commands.reset(cfg, name)
     console.print(f"reset: {', '.join(names)}")
 
@@ -185,7 +228,8 @@ def sql_cmd(
     query: Annotated[str, typer.Argument(help="SQL over the catalog tables and views.")],
     config: ConfigOption = Path("pipeline.toml"),
     overrides: SetOption = None,
-    max_rows: Annotated[int, typer.Option(help="Rows to print.")] = 50,
+    max_rows: Annotated[int | None, typer.Option(
+        min=0, help="Rows to print (default: 50 in a table, all with --csv).")] = None,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
 ) -> None:
     """Query the run's catalog (tables, views over Parquet artifacts) and print the result."""
@@ -199,14 +243,29 @@ def sql_cmd(
     if csv:
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(result, sys.stdout.buffer)
+        pacsv.write_csv(_flat(result.slice(0, max_rows)), sys.stdout.buffer)
         return
+    max_rows = 50 if max_rows is None else max_rows
     table = Table(*result.column_names)
     for row in result.slice(0, max_rows).to_pylist():
         table.add_row(*(_cell(v) for v in row.values()))
     typer.echo(_render(table))
     if len(result) > max_rows:
         typer.echo(f"({len(result)} rows, {max_rows} shown; --max-rows to see more)")
+
+
+def _flat(result):  # noqa: ANN001, ANN202 - pyarrow Table in and out
+    """Nested columns (embeddings, weights, structs) as JSON text: CSV has no lists."""
+    import json
+
+    import pyarrow as pa
+
+    for i, field in enumerate(result.schema):
+        if pa.types.is_nested(field.type):
+            text = [None if v is None else json.dumps(v, default=str)
+                    for v in result.column(i).to_pylist()]
+            result = result.set_column(i, field.name, pa.array(text, pa.string()))
+    return result
 
 
 def _cell(value: object) -> str:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.catalog import Catalog
+from pipeline.catalog import Catalog, pid_alive
 from pipeline.config import Config
 from pipeline.progress import ProgressBoard
-from pipeline.runner import Runner, StageReport, downstream, fingerprints
+from pipeline.runner import Runner, StageReport, downstream, fingerprints, plan_rows
 from pipeline.stage import PipelineError
 from stages import all_stages
 
@@ -53,6 +53,13 @@ def status(config: Config) -> list[StageStatus]:
         "SELECT stage, fingerprint, status, count(*), coalesce(sum(rows), 0), "
         "coalesce(sum(seconds), 0) FROM units GROUP BY ALL"
     )
+    # `running` marks of processes that died on this host (SIGKILL, OOM): the next run redoes
+    # those units, so they count as pending.
+    dead: dict[tuple[str, str], int] = {}
+    for name, fp, host, pid in catalog.rows(
+            "SELECT stage, fingerprint, host, pid FROM units WHERE status = 'running'"):
+        if host == catalog.host and pid is not None and not pid_alive(pid):
+            dead[name, fp] = dead.get((name, fp), 0) + 1
     result = []
     for stage in stages:
         st = StageStatus(stage.name, expected[stage.name], False, notes=stage.notes(config))
@@ -66,6 +73,11 @@ def status(config: Config) -> list[StageStatus]:
             setattr(st, state, getattr(st, state) + n)
             st.rows += rows
             st.seconds += seconds
+        if died := dead.get((stage.name, st.fingerprint)):
+            st.running -= died
+            st.pending += died
+            note = f"{died} unit(s) interrupted (their process died); the next run redoes them"
+            st.notes = f"{st.notes}; {note}" if st.notes else note
         result.append(st)
     return result
 
@@ -87,9 +99,12 @@ def reset(config: Config, stage: str) -> list[str]:
 
 
 def sql(config: Config, query: str) -> pa.Table:
-    """Run a query against the run's catalog (read-only)."""
+    """Run a query against the run's catalog (read-only), its `stages` table and views showing
+    the plans of `config` (not those of whichever config ran last)."""
     catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
-    return catalog.query(query)
+    stages = all_stages()
+    views = [v for s in stages for v in s.views]
+    return catalog.query_plans(query, plan_rows(stages, config), views)
 
 
 # The FreestyleRet-vs-baseline Recall@K table that `fsr-pipe run all` prints (untrained is

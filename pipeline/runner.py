@@ -7,14 +7,16 @@ leftover of a crash and is redone or removed. See docs/resume.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipeline.artifacts import remove_stale_tmp
-from pipeline.catalog import Catalog, UnitRow
+from pipeline.catalog import Catalog, PlanRow, UnitRow
 from pipeline.config import Config
+from pipeline.device import resolve_device
 from pipeline.progress import ProgressBoard
 from pipeline.stage import PipelineError, Stage, StageContext, shard_key
 
@@ -65,6 +67,24 @@ def fingerprints(stages: Sequence[Stage], config: Config) -> dict[str, str]:
     return result
 
 
+def plan_meta(stage: Stage, config: Config, inputs: dict[str, str]) -> dict:
+    """What the catalog's `stages` table records of a plan besides its fingerprint."""
+    return {"code_version": stage.version, "config": stage.config_values(config),
+            "inputs": inputs, "notes": stage.notes(config)}
+
+
+def plan_rows(stages: Sequence[Stage], config: Config) -> list[PlanRow]:
+    """Every stage's plan under `config`, as `stages` table rows (for Catalog.query_plans)."""
+    fps = fingerprints(stages, config)
+    rows = []
+    for stage in stages:
+        meta = plan_meta(stage, config, {n: fps[n] for n in stage.needs})
+        rows.append(PlanRow(stage.name, fps[stage.name], meta["code_version"],
+                            json.dumps(meta["config"]), json.dumps(meta["inputs"]),
+                            meta["notes"]))
+    return rows
+
+
 class Runner:
     def __init__(self, config: Config, stages: Sequence[Stage], board: ProgressBoard) -> None:
         self.config = config
@@ -87,9 +107,12 @@ class Runner:
     def run(self, targets: Sequence[str], shard: int | None = None,
             with_upstream: bool = True) -> list[StageReport]:
         """Run target stages (and, with_upstream, what they need); `shard` picks one unit."""
-        self.catalog.init()
         order = stage_closure(self.stages, targets) if with_upstream else [
             s for s in self.stages if s.name in targets]
+        resolve_device(self.config.run.device)
+        for stage in order:
+            stage.check(self.config)
+        self.catalog.init()
         if not with_upstream:
             for stage in order:
                 self._require_upstream_done(stage)
@@ -108,17 +131,13 @@ class Runner:
                     f"stage {stage.name} needs {name}, which is not complete for the current "
                     f"config; run `fsr-pipe run {name}` first (see `fsr-pipe status`)"
                 )
+            self._check_failures(name, self.fingerprints[name])  # as `run` would have stopped
 
     def plan(self, stage: Stage) -> list[UnitRow]:
         """The stage's frozen plan for its fingerprint, planning it now if there is none."""
         ctx = self.context(stage)
         units = self.catalog.units(stage.name, ctx.fingerprint)
-        meta = {
-            "code_version": stage.version,
-            "config": stage.config_values(self.config),
-            "inputs": ctx.inputs,
-            "notes": stage.notes(self.config),
-        }
+        meta = plan_meta(stage, self.config, ctx.inputs)
         if units:
             if self.catalog.current_fingerprint(stage.name) != ctx.fingerprint:
                 self.catalog.save_plan(stage.name, ctx.fingerprint, meta, [])
@@ -144,6 +163,11 @@ class Runner:
             units = [u for u in units if u.key == wanted]
             if not units:
                 keys = [u.key for u in self.catalog.units(stage.name, ctx.fingerprint)]
+                if not any(k.startswith("shard-") for k in keys):
+                    raise PipelineError(
+                        f"stage {stage.name} is not sharded (its unit: {', '.join(keys)}); "
+                        f"run it without --shard"
+                    )
                 raise PipelineError(
                     f"stage {stage.name} has no unit {wanted}; its units: "
                     f"{keys[:3]}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)"
@@ -171,7 +195,7 @@ class Runner:
                 f"processes: {', '.join(report.busy[:3])}; run again when they finish"
             )
         if shard is None or self._complete(stage):
-            self._check_failures(stage, ctx.fingerprint)
+            self._check_failures(stage.name, ctx.fingerprint)
         return report
 
     def _complete(self, stage: Stage) -> bool:
@@ -185,28 +209,30 @@ class Runner:
         started = time.monotonic()
         try:
             result = stage.run(ctx, unit)
-        except BaseException as exc:
             seconds = time.monotonic() - started
+            self.catalog.finish(
+                stage.name, unit.key, ctx.fingerprint, result.rows, seconds,
+                result.artifacts, result.failures, result.metrics,
+            )
+        except BaseException as exc:  # Ctrl-C and SIGTERM too: never leave a `running` mark
+            seconds = time.monotonic() - started
+            reason = str(exc) or type(exc).__name__  # KeyboardInterrupt has no message
             self.catalog.fail(stage.name, unit.key, ctx.fingerprint,
                               f"{type(exc).__name__}: {exc}", seconds)
-            log.error("%s %s failed after %.1fs: %s", stage.name, unit.key, seconds, exc)
+            log.error("%s %s failed after %.1fs: %s", stage.name, unit.key, seconds, reason)
             raise
-        seconds = time.monotonic() - started
-        self.catalog.finish(
-            stage.name, unit.key, ctx.fingerprint, result.rows, seconds,
-            result.artifacts, result.failures, result.metrics,
-        )
-        log.info("%s %s: %d items (%d bad) in %.1fs -> %s", stage.name, unit.key, result.rows,
+        log.info("%s %s: %d rows (%d bad inputs) in %.1fs -> %s", stage.name, unit.key, result.rows,
                  len(result.failures), seconds, ctx.out_dir / unit.key)
         return "ran"
 
-    def _check_failures(self, stage: Stage, fingerprint: str) -> None:
-        bad, good = self.catalog.failure_counts(stage.name, fingerprint)
+    def _check_failures(self, stage: str, fingerprint: str) -> None:
+        bad, good = self.catalog.failure_counts(stage, fingerprint)
         limit = self.config.data.max_failure_ratio
         if bad and bad > limit * (bad + good):
             raise PipelineError(
-                f"stage {stage.name}: {bad} of {bad + good} items are bad inputs "
+                f"stage {stage}: {bad} of {bad + good} items are bad inputs "
                 f"({bad / (bad + good):.1%} > data.max_failure_ratio = {limit}); see them with "
-                f"fsr-pipe sql \"SELECT * FROM failures_by_reason WHERE stage = '{stage.name}'\""
-                " and fix the inputs or raise data.max_failure_ratio"
+                f"fsr-pipe sql \"SELECT * FROM failures_by_reason WHERE stage = '{stage}'\". "
+                f"Fix the inputs and redo the stage (fsr-pipe reset {stage} -y; fsr-pipe run "
+                f"{stage}), or raise data.max_failure_ratio"
             )

@@ -97,6 +97,10 @@ class Stage:
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
         raise NotImplementedError
 
+    def check(self, config: Config) -> None:
+        """Raise (ConfigError, FileNotFoundError, ...) for settings that would only fail
+        later; the runner calls it for every stage it will run, before any of them works."""
+
     def notes(self, config: Config) -> str | None:
         """A line for `status` and the log (e.g. that weights are random)."""
         return None

@@ -29,7 +29,7 @@ from pipeline.data.loader import ImageItem, iter_batches
 from pipeline.device import resolve_device
 from pipeline.gram import GramEncoder
 from pipeline.models.clip import encode_image_baseline
-from pipeline.models.factory import build_baseline, build_model
+from pipeline.models.factory import build_baseline, build_model, check_model_config
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
 from pipeline.training import autocast
 
@@ -86,6 +86,9 @@ class EmbedStage(Stage):
 
     def __init__(self) -> None:
         self._models: tuple[tuple, tuple[GramEncoder, dict[str, Encoder]]] | None = None
+
+    def check(self, config: Config) -> None:
+        check_model_config(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         units = ctx.catalog.units("prepare", ctx.inputs["prepare"])

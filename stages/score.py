@@ -42,7 +42,7 @@ from pipeline.device import resolve_device
 from pipeline.index import load_index, maybe_to_gpu, search_fused_max, search_rerank
 from pipeline.index_build import VectorStore
 from pipeline.models.clip import encode_image_baseline, encode_text, load_clip
-from pipeline.models.factory import pretrained_source
+from pipeline.models.factory import check_model_config, pretrained_source
 from pipeline.retrieval import (
     batch_protocol_ranks,
     batch_recall,
@@ -91,6 +91,9 @@ class ScoreStage(Stage):
 
     def config_values(self, config: Config) -> dict[str, Any]:
         return fingerprint_fields(config.score)
+
+    def check(self, config: Config) -> None:
+        check_model_config(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         return [PlannedUnit(m, {}) for m in methods(ctx.config)]

@@ -27,7 +27,7 @@ from pipeline.artifacts import atomic_path, describe, write_parquet
 from pipeline.catalog import MetricRecord, UnitRow, ViewSpec
 from pipeline.config import Config, fingerprint_fields, to_dict
 from pipeline.device import resolve_device
-from pipeline.models.factory import build_model
+from pipeline.models.factory import build_model, check_model_config
 from pipeline.models.freestyle import triplet_loss
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
 from pipeline.training import (
@@ -77,6 +77,7 @@ class TrainStage(Stage):
     name = "train"
     section = "train"
     needs = ("prepare", "extract", "cluster")
+    version = "2"  # 2: epoch 0 loss is NULL (was NaN)
     views = (ViewSpec("train_history", "train", "history",
                       "epoch INTEGER, loss DOUBLE, val_recall_at_1 DOUBLE"),)
 
@@ -89,6 +90,9 @@ class TrainStage(Stage):
             return (f"CLIP {config.model.arch}: seeded random init (model.pretrained is empty); "
                     "set an open_clip pretrained tag or a checkpoint file for real weights")
         return None
+
+    def check(self, config: Config) -> None:
+        check_model_config(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         return [PlannedUnit("model", {})]
@@ -129,7 +133,7 @@ class TrainStage(Stage):
         start = latest_checkpoint(out)
         if start is None:  # epoch 0: the untrained prompts, the reference to beat
             history = History()
-            self._end_epoch(ctx, unit, out, 0, {"loss": float("nan"), **evaluate()}, model,
+            self._end_epoch(ctx, unit, out, 0, {"loss": None, **evaluate()}, model,
                             optimizer, scaler, history, saved_config)
             start = 0
         else:
@@ -154,15 +158,16 @@ class TrainStage(Stage):
         return self._result(out, model, history, trainable, frozen, sizes)
 
     def _end_epoch(self, ctx: StageContext, unit: UnitRow, out, epoch: int,
-                   metrics: dict[str, float], model, optimizer, scaler, history: History,
+                   metrics: dict[str, float | None], model, optimizer, scaler, history: History,
                    saved_config: dict) -> None:
         best = history.update(epoch, metrics)
         save_checkpoint(out, epoch, model, optimizer, scaler, history, saved_config)
         prune_checkpoints(out, keep={epoch, history.best_epoch})
         ctx.catalog.add_metrics(ctx.stage, unit.key, ctx.fingerprint, _epoch_metrics(
             history.epochs[-1]))
-        ctx.log.info("train epoch %d: loss %.4f, validation R@1 %.3f%s", epoch,
-                     metrics["loss"], metrics["val_recall@1"], " (best)" if best else "")
+        loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # None at epoch 0
+        ctx.log.info("train epoch %d: loss %s, validation R@1 %.3f%s", epoch, loss,
+                     metrics["val_recall@1"], " (best)" if best else "")
 
     def _result(self, out, model, history: History, trainable: int, frozen: int,
                 sizes: dict[str, int]) -> UnitResult:
@@ -199,8 +204,9 @@ class TrainStage(Stage):
 
 def _epoch_metrics(epoch: dict[str, Any]) -> list[MetricRecord]:
     labels = {"epoch": epoch["epoch"]}
-    records = [MetricRecord("loss", epoch["loss"], labels),
-               MetricRecord("val_recall@1", epoch["val_recall@1"], labels)]
+    records = [MetricRecord("val_recall@1", epoch["val_recall@1"], labels)]
+    if epoch["loss"] is not None:  # epoch 0 (the untrained prompts) has no training loss
+        records.append(MetricRecord("loss", epoch["loss"], labels))
     for name, value in epoch.items():
         if name.startswith("val_recall@1/"):
             records.append(MetricRecord("val_recall@1", value,

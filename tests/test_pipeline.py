@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import REPO_ROOT
 from typer.testing import CliRunner
 
@@ -17,6 +18,7 @@ from pipeline.arrays import arrow_to_vectors
 from pipeline.catalog import Catalog
 from pipeline.cli import app
 from pipeline.config import load_config
+from stages import all_stages
 
 STAGES = ["ingest", "prepare", "extract", "cluster"]  # the foundation; train/embed: test_train.py
 
@@ -65,6 +67,32 @@ def test_config_change_reruns_only_what_it_affects(tiny_config):
     assert ran(commands.run(config, ["cluster"], progress=False)) == dict.fromkeys(STAGES, 0)
     catalog = Catalog.in_dir(config.work_dir)
     assert catalog.rows("SELECT count(*) FROM style_centres") == [(4,)]
+
+
+def test_sql_shows_the_plans_of_the_config_it_is_given(tiny_config):
+    config = load_config(tiny_config)
+    k3 = load_config(tiny_config, ["cluster.k=3"])
+    commands.run(config, ["cluster"], progress=False)
+    commands.run(k3, ["cluster"], progress=False)  # the last run: the stored views follow it
+
+    def one(cfg, query):
+        return commands.sql(cfg, query).to_pylist()
+
+    centres = "SELECT count(*) AS n FROM style_centres"
+    assert one(config, centres) == [{"n": 4}] and one(k3, centres) == [{"n": 3}]
+    fps = {c: commands.fingerprints(all_stages(), c)["cluster"] for c in (config, k3)}
+    for cfg in (config, k3):
+        rows = one(cfg, "SELECT fingerprint, config_json, done FROM stage_summary "
+                        "JOIN stages USING (stage, fingerprint) WHERE stage = 'cluster'")
+        assert len(rows) == 1 and rows[0]["fingerprint"] == fps[cfg]
+        assert f'"k": {cfg.cluster.k}' in rows[0]["config_json"] and rows[0]["done"] == 1
+    # A config that never ran: no cluster plan, empty (but typed) views; upstream plans shown.
+    k5 = load_config(tiny_config, ["cluster.k=5"])
+    assert one(k5, centres) == [{"n": 0}]
+    assert one(k5, "SELECT stage FROM stages ORDER BY ALL") == [
+        {"stage": s} for s in sorted(["ingest", "prepare", "extract"])]
+    # Opening the catalog directly still shows the last run's plans.
+    assert Catalog.in_dir(config.work_dir).rows(centres) == [(3,)]
 
 
 def test_outputs_never_overwrite_other_fingerprints(tiny_config):
@@ -133,6 +161,56 @@ def test_cli_run_status_sql_reset(tiny_config):
     assert result.exit_code == 0
     assert "extract    4 unit(s) run" in result.output
     assert "prepare    0 unit(s) run" in result.output
+
+
+def test_cli_stops_bad_settings_before_any_work(tiny_config, tmp_path):
+    """Settings that would fail at train (or on the first tensor) fail at once, one line."""
+    cli = CliRunner()
+    args = ["--config", str(tiny_config)]
+    cases = [
+        ("embed.bogus=1", 2, "[embed] unknown key(s) ['bogus']"),  # rich must not eat [embed]
+        ("model.shallow_layers=99", 2, "model.shallow_layers: 99 exceeds the 4 vision layers"),
+        ("model.arch='no-such-vit'", 1, "unknown CLIP architecture 'no-such-vit'"),
+        ("model.arch='RN50'", 1, "has no vision transformer tower"),
+        (f"model.pretrained='{tmp_path}'", 1, "(model.pretrained) is a directory"),
+        (f"model.pretrained='{tmp_path / 'nope.pt'}'", 1, "does not exist"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(("run.device='cuda'", 2, "run.device: 'cuda' but torch sees no CUDA"))
+    for setting, code, message in cases:
+        result = cli.invoke(app, ["run", "all", "--set", setting, *args])
+        assert result.exit_code == code, (setting, result.output)
+        assert isinstance(result.exception, SystemExit), (setting, result.exception)
+        assert message in " ".join(result.output.split()), (setting, result.output)
+        assert not (tmp_path / "run").exists(), f"{setting}: work started before the check"
+
+
+def test_cli_shards_reset_and_csv(tiny_config):
+    cli = CliRunner()
+    args = ["--config", str(tiny_config)]
+    assert cli.invoke(app, ["run", "prepare", *args]).exit_code == 0
+    result = cli.invoke(app, ["stage", "extract", "--shard", "-1", *args])
+    assert result.exit_code == 2 and "greater than or equal to 0" in result.output
+    result = cli.invoke(app, ["stage", "ingest", "--shard", "0", *args])
+    assert result.exit_code == 1 and "is not sharded" in result.output, result.output
+    # Without a terminal to ask on, reset refuses to delete unless told to.
+    result = cli.invoke(app, ["reset", "prepare", *args])
+    assert result.exit_code == 2 and "--yes" in result.output, result.output
+    assert commands.status(load_config(tiny_config))[1].done == 4
+    # CSV: nested values as JSON text; --max-rows applies to CSV too (all rows by default).
+    query = "SELECT i, [i, i + 1] AS pair, {'a': i} AS s FROM range(3) t(i) ORDER BY i"
+    result = cli.invoke(app, ["sql", query, "--csv", *args])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        '"i","pair","s"', '0,"[0, 1]","{""a"": 0}"', '1,"[1, 2]","{""a"": 1}"',
+        '2,"[2, 3]","{""a"": 2}"']
+    result = cli.invoke(app, ["sql", query, "--csv", "--max-rows", "1", *args])
+    assert len(result.output.splitlines()) == 2
+    # The commands a run suggests select the same config.
+    result = cli.invoke(app, ["run", "cluster", "--set", "cluster.k=3", *args])
+    assert result.exit_code == 0, result.output
+    hint = " ".join(result.output.split())
+    assert f"--config {tiny_config} --set cluster.k=3" in hint, result.output
 
 
 def test_artifacts_match_their_catalog_records(tiny_config):

@@ -328,8 +328,13 @@ def test_folder_too_many_bad_photos_stop_the_run(tmp_path: Path, cli: CliRunner)
     message = str(caught.value)
     assert "stage prepare: 5 of 40 items are bad inputs (12.5% >" in message
     assert "failures_by_reason" in message and "data.max_failure_ratio" in message
+    assert "fsr-pipe reset prepare -y" in message
     # The bad items are there to look at.
     assert len(failures(catalog_of(config_path), "prepare")) == len(BAD)
+    # `stage extract` (a scheduler's array task) refuses too: prepare's units are all done,
+    # but what they produced is over the limit.
+    with pytest.raises(commands.PipelineError, match="stage prepare: 5 of 40 items are bad"):
+        commands.run(load_config(config_path), ["extract"], with_upstream=False, progress=False)
 
     result = cli.invoke(app, ["run", "extract", "--config",
                                str(folder_config(tmp_path, "cli"))])

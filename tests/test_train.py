@@ -77,7 +77,7 @@ def history(config: Config) -> list[tuple[int, float, float]]:
 
 
 def assert_same_history(got: list[tuple], expected: list[tuple]) -> None:
-    # Exact: same seed, same batches, same float ops; NaN (epoch 0 loss) compares equal.
+    # Exact: same seed, same batches, same float ops; the epoch 0 loss (None) compares as NaN.
     np.testing.assert_array_equal(np.array(got, dtype=np.float64),
                                   np.array(expected, dtype=np.float64))
 
@@ -238,7 +238,7 @@ def test_train_and_embed_end_to_end(shared):
 
     rows = catalog.rows("SELECT epoch, loss, val_recall_at_1 FROM train_history ORDER BY epoch")
     assert [r[0] for r in rows] == list(range(EPOCHS + 1))
-    assert math.isnan(rows[0][1]), "epoch 0 is the untrained model: no loss"
+    assert rows[0][1] is None, "epoch 0 is the untrained model: no loss"
     assert all(math.isfinite(loss) and loss > 0 for _, loss, _ in rows[1:])
     assert all(0.0 <= recall <= 1.0 for _, _, recall in rows)
     assert_same_history(rows, history(config))

@@ -148,14 +148,58 @@ def _load_file(model: nn.Module, arch: str, path: Path) -> None:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except Exception as error:  # torch/open_clip raise many types for foreign files
         raise WeightsError(
-            f"CLIP checkpoint {path} does not fit architecture {arch!r} "
-            f"({type(error).__name__}: {error}); pass a checkpoint of that architecture"
+            f"CLIP checkpoint {path} (model.pretrained) could not be loaded into architecture "
+            f"{arch!r} ({type(error).__name__}: {error}); pass a torch or safetensors "
+            "checkpoint of that architecture (open_clip's, or a model.pt fsr-pipe saved)"
         ) from error
     stored = _read_preprocess_cfg(path)
     if stored is not None:
         cfg = open_clip.get_model_preprocess_cfg(model)
         cfg.update({k: v for k, v in stored.items() if k in ("mean", "std")})
         open_clip.set_model_preprocess_cfg(model, cfg)
+
+
+def vision_layers(arch: str) -> int:
+    """Transformer blocks in `arch`'s vision tower, read from its config (nothing is built)."""
+    cfg = _known_arch(arch) or open_clip.get_model_config(arch) or {}
+    layers = cfg.get("vision_cfg", {}).get("layers")
+    if not isinstance(layers, int):
+        raise WeightsError(
+            f"CLIP architecture {arch!r} (model.arch) has no vision transformer tower "
+            "(a ResNet or timm backbone); FreestyleRet prompts a ViT: use e.g. ViT-B-32"
+        )
+    return layers
+
+
+def check_pretrained(arch: str, pretrained: str) -> None:
+    """Raise now (before any work) if `load_clip(arch, pretrained)` cannot find its weights;
+    the file's contents and downloads are only checked when loading."""
+    model_cfg = _known_arch(arch)
+    path = Path(pretrained)
+    if not pretrained or path.is_file():
+        return
+    if path.is_dir():
+        raise WeightsError(
+            f"CLIP checkpoint {pretrained} (model.pretrained) is a directory; pass the "
+            "checkpoint file inside it (e.g. open_clip_pytorch_model.bin or model.pt)"
+        )
+    if _looks_like_path(pretrained):
+        raise FileNotFoundError(
+            f"CLIP checkpoint {pretrained} (model.pretrained) does not exist; pass an existing "
+            f"file, an open_clip pretrained tag for {arch!r}, or '' for a seeded random init"
+        )
+    if model_cfg is not None:
+        raise WeightsError(
+            f"CLIP architecture {arch!r} is a project demo architecture with no pretrained "
+            f"tags, so {pretrained!r} cannot be loaded; pass a local checkpoint file path "
+            "or '' for a seeded random init"
+        )
+    if pretrained not in (tags := open_clip.list_pretrained_tags_by_model(arch)):
+        raise WeightsError(
+            f"{pretrained!r} (model.pretrained) is neither a file nor an open_clip pretrained "
+            f"tag for {arch!r}; its tags: {', '.join(tags) or 'none'}. Or pass a local "
+            "checkpoint file path, or '' for a seeded random init"
+        )
 
 
 def load_clip(arch: str, pretrained: str = "", seed: int = 0,
@@ -166,6 +210,7 @@ def load_clip(arch: str, pretrained: str = "", seed: int = 0,
     an existing file = that checkpoint (open_clip or save_clip format); anything else = an
     open_clip pretrained tag (downloads; needs the network).
     """
+    check_pretrained(arch, pretrained)
     model_cfg = _known_arch(arch)
     if not pretrained:
         model, tokenizer = _create(arch, model_cfg, None, seed)
@@ -179,23 +224,6 @@ def load_clip(arch: str, pretrained: str = "", seed: int = 0,
         model, tokenizer = _create(arch, model_cfg, None, seed)
         _load_file(model, arch, Path(pretrained))
         log.info("CLIP %s: weights from %s", arch, pretrained)
-    elif _looks_like_path(pretrained):
-        raise FileNotFoundError(
-            f"CLIP checkpoint {pretrained} (model.pretrained) does not exist; pass an existing "
-            f"file, an open_clip pretrained tag for {arch!r}, or '' for a seeded random init"
-        )
-    elif model_cfg is not None:
-        raise WeightsError(
-            f"CLIP architecture {arch!r} is a project demo architecture with no pretrained "
-            f"tags, so {pretrained!r} cannot be loaded; pass a local checkpoint file path "
-            "or '' for a seeded random init"
-        )
-    elif pretrained not in (tags := open_clip.list_pretrained_tags_by_model(arch)):
-        raise WeightsError(
-            f"{pretrained!r} (model.pretrained) is neither a file nor an open_clip pretrained "
-            f"tag for {arch!r}; its tags: {', '.join(tags) or 'none'}. Or pass a local "
-            "checkpoint file path, or '' for a seeded random init"
-        )
     else:
         try:
             model, tokenizer = _create(arch, None, pretrained, seed)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config import Config
-from pipeline.models.clip import load_clip
+from pipeline.config import Config, ConfigError
+from pipeline.models.clip import check_pretrained, load_clip, vision_layers
 from pipeline.models.freestyle import FreestyleRet, PromptSpec
 from pipeline.models.style import build_gram_encoder
 
@@ -17,6 +17,19 @@ def pretrained_source(config: Config) -> str:
     if value and config.resolve(value).is_file():
         return str(config.resolve(value))
     return value
+
+
+def check_model_config(config: Config) -> None:
+    """Everything about `[model]` that can be checked without building it: the architecture
+    is known and has a ViT, the weights exist, the shallow layers fit. Runs before any stage
+    does work, so a typo does not surface after an hour of feature extraction."""
+    layers = vision_layers(config.model.arch)
+    if config.model.shallow_layers > layers:
+        raise ConfigError(
+            f"model.shallow_layers: {config.model.shallow_layers} exceeds the {layers} vision "
+            f"layers of {config.model.arch}; use 0..{layers}, or -1 for half of them"
+        )
+    check_pretrained(config.model.arch, pretrained_source(config))
 
 
 def build_model(config: Config, centres: np.ndarray,
