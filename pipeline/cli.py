@@ -198,8 +198,11 @@ def status_cmd(config: ConfigOption = Path("pipeline.toml"), overrides: SetOptio
             state = [str(st.done), str(st.pending), str(st.running),
                      f"[red]{st.failed}[/]" if st.failed else "0", str(st.stale or "")]
         table.add_row(st.stage, st.fingerprint, *state, f"{st.rows:,}", f"{st.seconds:.1f}",
-                      st.notes or "")
+                      escape(st.notes or ""))
     typer.echo(_render(table))
+    if not (cfg.work_dir / "catalog.duckdb").exists():
+        typer.echo(f"No run in {cfg.work_dir} yet (no catalog.duckdb): `fsr-pipe run all` "
+                   "starts one.")
 
 
 @app.command("reset")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from pipeline.progress import ProgressBoard
 from pipeline.runner import Runner, StageReport, downstream, fingerprints, plan_rows
 from pipeline.stage import PipelineError
 from stages import all_stages
+
+log = logging.getLogger(__name__)
 
 STAGE_NAMES = tuple(s.name for s in all_stages())
 
@@ -73,6 +76,13 @@ def status(config: Config) -> list[StageStatus]:
             setattr(st, state, getattr(st, state) + n)
             st.rows += rows
             st.seconds += seconds
+        if st.planned and st.done:
+            bad, good = catalog.failure_counts(stage.name, st.fingerprint)
+            if bad and bad > config.data.max_failure_ratio * (bad + good):
+                note = (f"{bad} of {bad + good} items are bad inputs, over "
+                        f"data.max_failure_ratio = {config.data.max_failure_ratio}: stages "
+                        "after it do not run (see failures_by_reason)")
+                st.notes = f"{st.notes}; {note}" if st.notes else note
         if died := dead.get((stage.name, st.fingerprint)):
             st.running -= died
             st.pending += died
@@ -90,6 +100,22 @@ def reset(config: Config, stage: str) -> list[str]:
     names = [s.name for s in downstream(stages, stage)]
     catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
     if catalog.path.exists():
+        running = catalog.rows(
+            "SELECT stage, unit_key, host, pid FROM units WHERE status = 'running' AND "
+            f"stage IN ({', '.join('?' for _ in names)}) ORDER BY ALL", names)
+        busy = [f"{name} {key} (pid {pid})" for name, key, host, pid in running
+                if host == catalog.host and pid is not None and pid_alive(pid)]
+        if busy:
+            raise PipelineError(
+                f"cannot reset {stage}: {len(busy)} unit(s) are being run by live processes "
+                f"on this host: {', '.join(busy[:3])}{' ...' if len(busy) > 3 else ''}; stop "
+                "them (or let them finish) first"
+            )
+        for name, key, host, pid in running:
+            if host != catalog.host:  # liveness cannot be checked from here (docs/resume.md)
+                log.warning("reset: %s %s is marked running by %s (pid %s); make sure that "
+                            "process is gone, or it will write into the reset stage", name,
+                            key, host, pid)
         catalog.reset(names)
         catalog.init()
         catalog.refresh_views([v for s in stages for v in s.views])

@@ -12,6 +12,7 @@ runs, not what it computes, so they stay out of unit fingerprints.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class RunConfig:
     catalog_timeout_s: float = _run_only(300.0)
 
     def validate(self) -> None:
+        _check(bool(self.work_dir.strip()), "run.work_dir", "must name a folder (e.g. runs/demo)")
         _check(self.seed >= 0, "run.seed", "must be >= 0")
         _check(self.catalog_timeout_s > 0, "run.catalog_timeout_s", "must be > 0")
 
@@ -323,6 +325,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not {tp}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {tp.__name__}, got boolean {value!r}")
     if not isinstance(value, tp):
@@ -375,6 +379,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     base_dir = Path.cwd()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; pass --config PATH to a "
+                              f"pipeline.toml (e.g. {path / 'pipeline.toml'})")
         if not path.is_file():
             raise ConfigError(
                 f"config file {path} not found; pass --config PATH to a pipeline.toml"

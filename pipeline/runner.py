@@ -38,7 +38,7 @@ def stage_closure(stages: Sequence[Stage], targets: Sequence[str]) -> list[Stage
     by_name = {s.name: s for s in stages}
     unknown = [t for t in targets if t not in by_name]
     if unknown:
-        raise PipelineError(f"unknown stage(s) {unknown}; stages: {list(by_name)}")
+        raise PipelineError(f"unknown stage(s) {unknown}; use 'all' or one of {list(by_name)}")
     wanted: set[str] = set()
     todo = list(targets)
     while todo:

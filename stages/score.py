@@ -263,8 +263,9 @@ def _query_sets(queries: pa.Table, emb: dict[int, np.ndarray], cfg: ScoreConfig,
     for pair in cfg.fused:
         a, b = pair.split("+")
         if a not in by_style or b not in by_style:
-            ctx.log.info("score: no %s queries in the test split; skipping %s",
-                         a if a not in by_style else b, pair)
+            ctx.log.warning("score: no %s queries in the test split (it has %s); skipping "
+                            "score.fused pair %s", a if a not in by_style else b,
+                            ", ".join(sorted(by_style)), pair)
             continue
         # One pair per photo: its first query of each style (the authors' sketch+text data
         # has one of each per photo).

@@ -39,12 +39,20 @@ def test_defaults_and_shipped_config_load(repo_root):
         ("[score]\nfusions = ['min']\n", "score.fusions[0]: got 'min', allowed"),
         ("[score]\nks = []\n", "score.ks: must be a non-empty list"),
         ("[run\n", "invalid TOML"),
+        ("[train]\nlr = inf\n", "train.lr: must be a finite number, got inf"),
+        ("[cluster]\ntemperature = nan\n", "cluster.temperature: must be a finite number"),
+        ("[run]\nwork_dir = ''\n", "run.work_dir: must name a folder"),
     ],
 )
 def test_bad_values_are_rejected_with_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text))
     assert message in str(info.value)
+
+
+def test_config_path_that_is_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; pass --config PATH to a pipeline.toml"):
+        load_config(tmp_path)
 
 
 def test_overrides_parse_as_toml_and_validate(tmp_path):

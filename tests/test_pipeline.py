@@ -213,6 +213,29 @@ def test_cli_shards_reset_and_csv(tiny_config):
     assert f"--config {tiny_config} --set cluster.k=3" in hint, result.output
 
 
+def test_reset_refuses_while_a_live_process_runs_a_unit(tiny_config):
+    config = load_config(tiny_config)
+    commands.run(config, ["prepare"], progress=False)
+    catalog = Catalog.in_dir(config.work_dir)
+
+    def mark_running(pid: int) -> None:
+        with catalog.transaction() as con:
+            con.execute("UPDATE units SET status = 'running', host = ?, pid = ? WHERE "
+                        "stage = 'prepare' AND unit_key = 'shard-00001'", [catalog.host, pid])
+
+    mark_running(os.getpid())  # alive: this test's process
+    with pytest.raises(commands.PipelineError, match=r"cannot reset ingest: 1 unit\(s\) are "
+                       r"being run by live processes on this host: prepare shard-00001"):
+        commands.reset(config, "ingest")
+    assert (config.work_dir / "prepare").is_dir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    mark_running(gone.pid)  # a dead process's mark does not block
+    assert commands.reset(config, "ingest") == ["ingest", *STAGES[1:], "train", "embed",
+                                                "index", "score"]
+    assert not (config.work_dir / "prepare").exists()
+
+
 def test_artifacts_match_their_catalog_records(tiny_config):
     from pipeline.artifacts import sha256_file
 

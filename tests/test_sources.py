@@ -329,8 +329,10 @@ def test_folder_too_many_bad_photos_stop_the_run(tmp_path: Path, cli: CliRunner)
     assert "stage prepare: 5 of 40 items are bad inputs (12.5% >" in message
     assert "failures_by_reason" in message and "data.max_failure_ratio" in message
     assert "fsr-pipe reset prepare -y" in message
-    # The bad items are there to look at.
+    # The bad items are there to look at, and status says why the run stops.
     assert len(failures(catalog_of(config_path), "prepare")) == len(BAD)
+    prepare = commands.status(load_config(config_path))[1]
+    assert prepare.failed == 0 and "5 of 40 items are bad inputs, over" in prepare.notes
     # `stage extract` (a scheduler's array task) refuses too: prepare's units are all done,
     # but what they produced is over the limit.
     with pytest.raises(commands.PipelineError, match="stage prepare: 5 of 40 items are bad"):
