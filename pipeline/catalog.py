@@ -243,6 +243,13 @@ class Catalog:
 
     # -- unit lifecycle ----------------------------------------------------------------------
 
+    def holder(self, host: str | None, pid: int | None) -> str:
+        """State of the process behind a `running` mark: 'alive' or 'dead' on this host,
+        'elsewhere' on another host (its liveness cannot be checked from here)."""
+        if host != self.host:
+            return "elsewhere"
+        return "alive" if pid is not None and pid_alive(pid) else "dead"
+
     def claim(self, stage: str, key: str, fingerprint: str) -> str:
         """Mark a unit running for this process; returns 'claimed', 'done' or 'busy:<pid>'."""
         with self.transaction() as con:
@@ -259,7 +266,7 @@ class Catalog:
             if status == "running" and pid != os.getpid():
                 # A running mark from a live process on this host is respected; one from a dead
                 # process (killed, crashed) is taken over. Other hosts can't be checked here.
-                if host != self.host or (pid is not None and pid_alive(pid)):
+                if self.holder(host, pid) != "dead":
                     return f"busy:{host}:{pid}"
             con.execute(
                 "UPDATE units SET status = 'running', attempts = attempts + 1, host = ?, pid = ?, "
@@ -402,8 +409,7 @@ class Catalog:
             )
             for spec in specs:
                 con.execute(f"CREATE TEMP VIEW {spec.name} AS {_view_body(con, spec)}")
-            relation = con.sql(sql)
-            return _to_arrow(relation)
+            return _to_arrow(con.sql(sql))
 
 
 def _view_body(con: duckdb.DuckDBPyConnection, spec: ViewSpec) -> str:

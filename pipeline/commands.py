@@ -8,10 +8,17 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.catalog import Catalog, pid_alive
+from pipeline.catalog import Catalog
 from pipeline.config import Config
 from pipeline.progress import ProgressBoard
-from pipeline.runner import Runner, StageReport, downstream, fingerprints, plan_rows
+from pipeline.runner import (
+    Runner,
+    StageReport,
+    downstream,
+    fingerprints,
+    plan_rows,
+    too_many_failures,
+)
 from pipeline.stage import PipelineError
 from stages import all_stages
 
@@ -61,7 +68,7 @@ def status(config: Config) -> list[StageStatus]:
     dead: dict[tuple[str, str], int] = {}
     for name, fp, host, pid in catalog.rows(
             "SELECT stage, fingerprint, host, pid FROM units WHERE status = 'running'"):
-        if host == catalog.host and pid is not None and not pid_alive(pid):
+        if catalog.holder(host, pid) == "dead":
             dead[name, fp] = dead.get((name, fp), 0) + 1
     result = []
     for stage in stages:
@@ -76,13 +83,13 @@ def status(config: Config) -> list[StageStatus]:
             setattr(st, state, getattr(st, state) + n)
             st.rows += rows
             st.seconds += seconds
-        if st.planned and st.done:
-            bad, good = catalog.failure_counts(stage.name, st.fingerprint)
-            if bad and bad > config.data.max_failure_ratio * (bad + good):
-                note = (f"{bad} of {bad + good} items are bad inputs, over "
-                        f"data.max_failure_ratio = {config.data.max_failure_ratio}: stages "
-                        "after it do not run (see failures_by_reason)")
-                st.notes = f"{st.notes}; {note}" if st.notes else note
+        if st.planned and st.done and (excess := too_many_failures(
+                catalog, stage.name, st.fingerprint, config.data.max_failure_ratio)):
+            bad, good = excess
+            note = (f"{bad} of {bad + good} items are bad inputs, over "
+                    f"data.max_failure_ratio = {config.data.max_failure_ratio}: stages "
+                    "after it do not run (see failures_by_reason)")
+            st.notes = f"{st.notes}; {note}" if st.notes else note
         if died := dead.get((stage.name, st.fingerprint)):
             st.running -= died
             st.pending += died
@@ -104,7 +111,7 @@ def reset(config: Config, stage: str) -> list[str]:
             "SELECT stage, unit_key, host, pid FROM units WHERE status = 'running' AND "
             f"stage IN ({', '.join('?' for _ in names)}) ORDER BY ALL", names)
         busy = [f"{name} {key} (pid {pid})" for name, key, host, pid in running
-                if host == catalog.host and pid is not None and pid_alive(pid)]
+                if catalog.holder(host, pid) == "alive"]
         if busy:
             raise PipelineError(
                 f"cannot reset {stage}: {len(busy)} unit(s) are being run by live processes "
@@ -112,7 +119,7 @@ def reset(config: Config, stage: str) -> list[str]:
                 "them (or let them finish) first"
             )
         for name, key, host, pid in running:
-            if host != catalog.host:  # liveness cannot be checked from here (docs/resume.md)
+            if catalog.holder(host, pid) == "elsewhere":  # see docs/resume.md
                 log.warning("reset: %s %s is marked running by %s (pid %s); make sure that "
                             "process is gone, or it will write into the reset stage", name,
                             key, host, pid)

@@ -85,6 +85,14 @@ def plan_rows(stages: Sequence[Stage], config: Config) -> list[PlanRow]:
     return rows
 
 
+def too_many_failures(catalog: Catalog, stage: str, fingerprint: str,
+                      limit: float) -> tuple[int, int] | None:
+    """(bad, good) item counts of a plan when more than `limit` of its items are bad inputs
+    (data.max_failure_ratio: the run stops there), else None."""
+    bad, good = catalog.failure_counts(stage, fingerprint)
+    return (bad, good) if bad and bad > limit * (bad + good) else None
+
+
 class Runner:
     def __init__(self, config: Config, stages: Sequence[Stage], board: ProgressBoard) -> None:
         self.config = config
@@ -226,9 +234,9 @@ class Runner:
         return "ran"
 
     def _check_failures(self, stage: str, fingerprint: str) -> None:
-        bad, good = self.catalog.failure_counts(stage, fingerprint)
         limit = self.config.data.max_failure_ratio
-        if bad and bad > limit * (bad + good):
+        if excess := too_many_failures(self.catalog, stage, fingerprint, limit):
+            bad, good = excess
             raise PipelineError(
                 f"stage {stage}: {bad} of {bad + good} items are bad inputs "
                 f"({bad / (bad + good):.1%} > data.max_failure_ratio = {limit}); see them with "
