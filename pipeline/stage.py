@@ -71,6 +71,11 @@ class StageContext:
         """Done artifact files of kind `kind` written by upstream `stage` (or one unit of it)."""
         return self.catalog.artifact_paths(stage, self.inputs[stage], kind, unit_key)
 
+    def input_failures(self, stage: str, item_kind: str) -> set[int]:
+        """Ids of the `item_kind` items upstream `stage` recorded as bad inputs: recorded once
+        there, a later stage skips them rather than decode and record them again."""
+        return self.catalog.failed_items(stage, self.inputs[stage], item_kind)
+
     def input_path(self, stage: str, kind: str, unit_key: str | None = None) -> str:
         paths = self.input_paths(stage, kind, unit_key)
         if len(paths) != 1:

@@ -14,6 +14,9 @@ CLIP for the baseline), then scores:
   `score.rerank_k` re-ranked exactly); protocol `batch`: the authors' evaluation, the query
   ranked among its own photo and the other photos of its batch of `score.batch_pairs` pairs.
 
+Query images `extract` recorded as bad inputs are skipped (recorded once, there); a query image
+that breaks after extract is recorded by every method's unit that meets it.
+
 Writes per method the query embeddings, the top `score.keep_k` results per query, every
 query's target rank, and the metrics rows (Recall@K; mAP@map_k and P@map_k where classes
 are known) that the `retrieval_metrics` view and the end of `fsr-pipe run all` show.
@@ -80,7 +83,7 @@ class QuerySet:
 class ScoreStage(Stage):
     name = "score"
     section = "score"
-    needs = ("prepare", "cluster", "train", "index")
+    needs = ("prepare", "extract", "cluster", "train", "index")
     views = (
         ViewSpec("retrieval_metrics", "score", "metrics", METRICS),
         ViewSpec("search_results", "score", "results", RESULTS),
@@ -215,7 +218,12 @@ def _encode_queries(ctx: StageContext, method: str,
     cfg = ctx.config.score
     device = resolve_device(ctx.config.run.device)
     image_fn, text_fn, tokenizer = _encoders(ctx, method, device)
-    rows = queries.select(["query_id", "path", "text"]).to_pylist()
+    known_bad = ctx.input_failures("extract", "query")  # recorded there already: skip them
+    rows = [r for r in queries.select(["query_id", "path", "text"]).to_pylist()
+            if r["query_id"] not in known_bad]
+    if skipped := len(queries) - len(rows):
+        ctx.log.info("score %s: %d test queries skipped, extract recorded them as bad inputs",
+                     method, skipped)
     texts = [r for r in rows if r["path"] is None]
     images = [ImageItem("query", r["query_id"], r["path"]) for r in rows if r["path"]]
     emb: dict[int, np.ndarray] = {}

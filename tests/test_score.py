@@ -264,3 +264,34 @@ def test_batch_protocol_keeps_one_query_per_photo() -> None:
     np.testing.assert_array_equal(pairs.emb, emb[[0, 1, 3]])
     unique = QuerySet("text", "none", np.array([1, 2]), None, np.array([5, 6]), None, emb[:2])
     assert _one_query_per_photo(unique) is unique
+
+
+def test_bad_images_are_recorded_once(tmp_path) -> None:
+    """Images extract recorded as bad are skipped by embed and score, not recorded again (per
+    score method); a query image that breaks after extract is recorded by each score method."""
+    path = write_tiny_config(tmp_path, tmp_path / "run", items=ITEMS,
+                             extra="\n[index]\ncheck_queries = 20\n")
+    config = load_config(path, ["data.max_failure_ratio=1.0"])
+    commands.run(config, ["prepare"], progress=False)
+    test_images = rows(config, "SELECT query_id, path FROM queries WHERE split = 'test' AND "
+                               "path IS NOT NULL ORDER BY query_id")
+    (early_id, early), (late_id, late) = test_images[0], test_images[-1]
+    photo_id, photo = rows(config, "SELECT image_id, path FROM gallery WHERE split = 'train' "
+                                   "ORDER BY image_id LIMIT 1")[0]
+    Path(early).write_bytes(b"not an image")
+    Path(photo).write_bytes(b"not a photo")
+    commands.run(config, ["index"], progress=False)
+    Path(late).write_bytes(b"not an image either")
+    commands.run(config, ["score"], progress=False)
+
+    recorded = rows(config, "SELECT stage, unit_key, item_id FROM item_failures JOIN stages "
+                            "USING (stage, fingerprint) ORDER BY stage, unit_key")
+    assert sorted((s, i) for s, _, i in recorded) == sorted([
+        ("extract", early_id), ("extract", photo_id), ("score", late_id), ("score", late_id)])
+    assert [u for s, u, _ in recorded if s == "score"] == ["baseline", "freestyle"]
+    scored = {i for (i,) in rows(config, "SELECT DISTINCT query_id FROM query_embeddings")}
+    assert early_id not in scored and late_id not in scored
+    embedded = {i for (i,) in rows(config, "SELECT image_id FROM gallery_embeddings")}
+    assert photo_id not in embedded and len(embedded) == ITEMS - 1
+    assert len(scored) == rows(config, "SELECT count(*) FROM queries WHERE split = 'test'"
+                                       )[0][0] - 2
