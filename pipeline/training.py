@@ -8,6 +8,7 @@ sidecar's existence means the checkpoint is complete.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.arrays import stable_uniform
-from pipeline.artifacts import atomic_path
+from pipeline.artifacts import atomic_path, write_bytes
 from pipeline.data.images import BadInput, load_rgb, to_tensor
 
 
@@ -242,6 +243,17 @@ def validate(model: torch.nn.Module, queries: Sequence[Query], photos: dict[int,
     return result
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    """Torch's global RNG seeded from the run's seed inside, restored after: a training run
+    does not depend on (or change) what the process drew before, and its checkpoints store the
+    same RNG state in identical runs."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 # -- checkpoints --------------------------------------------------------------------------
 
 CHECKPOINT_PREFIX = "epoch-"
@@ -258,9 +270,12 @@ def save_checkpoint(directory: Path, epoch: int, model: torch.nn.Module,
     """Weights + optimizer + loss scale + RNG state, then the JSON sidecar last (its existence
     = complete)."""
     weights, sidecar = checkpoint_paths(directory, epoch)
-    with atomic_path(weights) as tmp:
-        torch.save({"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp)
+    # Through memory: torch.save names the archive inside the file after the file it writes,
+    # and the temporary name holds the pid, so identical runs would write different bytes.
+    buffer = io.BytesIO()
+    torch.save({"model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}, buffer)
+    write_bytes(buffer.getvalue(), weights)
     meta = {"epoch": epoch, "config": config, "history": asdict(history)}
     with atomic_path(sidecar) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))

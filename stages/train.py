@@ -40,6 +40,7 @@ from pipeline.training import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    seeded_rng,
     train_epoch,
     triplet_batches,
     validate,
@@ -98,6 +99,10 @@ class TrainStage(Stage):
         return [PlannedUnit("model", {})]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        with seeded_rng(ctx.config.run.seed, resolve_device(ctx.config.run.device)):
+            return self._train(ctx, unit)
+
+    def _train(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
         cfg, seed = ctx.config.train, ctx.config.run.seed
         device = resolve_device(ctx.config.run.device)
         queries, photos, grams = load_training_data(ctx)
