@@ -7,7 +7,8 @@ CREATE OR REPLACE VIEW current_units AS
 SELECT u.*
 FROM units u JOIN stages s ON u.stage = s.stage AND u.fingerprint = s.fingerprint;
 
--- One row per stage: progress of the current plan.
+-- One row per stage: progress of the current plan, in pipeline order (the list is
+-- pipeline.commands.STAGE_NAMES; tests/test_catalog.py checks they agree).
 CREATE OR REPLACE VIEW stage_summary AS
 SELECT
     s.stage,
@@ -20,7 +21,9 @@ SELECT
     coalesce(sum(u.seconds), 0)                           AS seconds,
     s.notes
 FROM stages s LEFT JOIN units u ON u.stage = s.stage AND u.fingerprint = s.fingerprint
-GROUP BY s.stage, s.fingerprint, s.notes;
+GROUP BY s.stage, s.fingerprint, s.notes
+ORDER BY list_position(['ingest', 'prepare', 'extract', 'cluster', 'train', 'embed', 'index',
+                        'score'], s.stage) NULLS LAST, s.stage;
 
 -- Bad inputs of the current plans, grouped by reason.
 CREATE OR REPLACE VIEW failures_by_reason AS

@@ -31,6 +31,9 @@ def run(config: Config, targets: list[str], shard: int | None = None,
         with_upstream: bool = True, progress: bool | None = None) -> list[StageReport]:
     """Run stages (`all` = every stage); returns what each stage did."""
     stages = all_stages()
+    if "all" in targets and not with_upstream:
+        raise PipelineError("`fsr-pipe stage` runs one stage (or one shard of it); "
+                            "`fsr-pipe run all` runs every stage")
     names = [s.name for s in stages] if targets == ["all"] else targets
     with ProgressBoard(progress) as board:
         return Runner(config, stages, board).run(names, shard=shard, with_upstream=with_upstream)

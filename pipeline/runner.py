@@ -115,8 +115,13 @@ class Runner:
     def run(self, targets: Sequence[str], shard: int | None = None,
             with_upstream: bool = True) -> list[StageReport]:
         """Run target stages (and, with_upstream, what they need); `shard` picks one unit."""
-        order = stage_closure(self.stages, targets) if with_upstream else [
-            s for s in self.stages if s.name in targets]
+        if with_upstream:
+            order = stage_closure(self.stages, targets)
+        else:
+            order = [s for s in self.stages if s.name in targets]
+            if unknown := sorted(set(targets) - {s.name for s in order}):
+                raise PipelineError(f"unknown stage(s) {unknown}; stages: "
+                                    f"{[s.name for s in self.stages]}")
         resolve_device(self.config.run.device)
         for stage in order:
             stage.check(self.config)

@@ -39,7 +39,7 @@ import torch
 from pipeline.arrays import vectors_to_arrow
 from pipeline.artifacts import describe, write_parquet
 from pipeline.catalog import FailureRecord, MetricRecord, UnitRow, ViewSpec
-from pipeline.config import Config, ScoreConfig, fingerprint_fields
+from pipeline.config import Config, ConfigError, ScoreConfig, fingerprint_fields
 from pipeline.data.loader import ImageItem, iter_batches
 from pipeline.device import resolve_device
 from pipeline.index import load_index, maybe_to_gpu, search_fused_max, search_rerank
@@ -97,6 +97,11 @@ class ScoreStage(Stage):
 
     def check(self, config: Config) -> None:
         check_model_config(config)
+        if config.data.test_fraction == 0 and config.data.source in ("demo", "folder"):
+            raise ConfigError(
+                f"data.test_fraction = 0 puts no {config.data.source} photo in the test split, so "
+                "score would have no queries; set it in (0, 1), e.g. 0.2, or run up to "
+                "`fsr-pipe run index`")
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         return [PlannedUnit(m, {}) for m in methods(ctx.config)]

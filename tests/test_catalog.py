@@ -33,6 +33,17 @@ def test_newer_schema_is_refused(tmp_path):
 META = {"code_version": "1", "config": {}, "inputs": {}}
 
 
+def test_stage_summary_is_in_pipeline_order(tmp_path):
+    from pipeline.commands import STAGE_NAMES
+
+    catalog = Catalog(tmp_path / "c.duckdb")
+    catalog.init()
+    for name in ["zz-plugin", *reversed(STAGE_NAMES)]:  # planned last first, an unknown one
+        catalog.save_plan(name, "fp", META, [("all", {})])
+    order = [r[0] for r in catalog.rows("SELECT stage FROM stage_summary")]
+    assert order == [*STAGE_NAMES, "zz-plugin"]
+
+
 def test_plan_is_frozen_once(tmp_path):
     catalog = Catalog(tmp_path / "c.duckdb")
     catalog.init()

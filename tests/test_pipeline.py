@@ -174,6 +174,7 @@ def test_cli_stops_bad_settings_before_any_work(tiny_config, tmp_path):
         ("model.arch='RN50'", 1, "has no vision transformer tower"),
         (f"model.pretrained='{tmp_path}'", 1, "(model.pretrained) is a directory"),
         (f"model.pretrained='{tmp_path / 'nope.pt'}'", 1, "does not exist"),
+        ("data.test_fraction=0", 2, "data.test_fraction = 0 puts no demo photo in the test"),
     ]
     if not torch.cuda.is_available():
         cases.append(("run.device='cuda'", 2, "run.device: 'cuda' but torch sees no CUDA"))
@@ -193,6 +194,12 @@ def test_cli_shards_reset_and_csv(tiny_config):
     assert result.exit_code == 2 and "greater than or equal to 0" in result.output
     result = cli.invoke(app, ["stage", "ingest", "--shard", "0", *args])
     assert result.exit_code == 1 and "is not sharded" in result.output, result.output
+    result = cli.invoke(app, ["stage", "bogus", *args])  # was "Nothing to do", exit 0
+    assert result.exit_code == 1 and "unknown stage(s) ['bogus']; stages: ['ingest'" in " ".join(
+        result.output.split()), result.output
+    result = cli.invoke(app, ["stage", "all", *args])
+    assert result.exit_code == 1 and "`fsr-pipe run all` runs every stage" in " ".join(
+        result.output.split()), result.output
     # Without a terminal to ask on, reset refuses to delete unless told to.
     result = cli.invoke(app, ["reset", "prepare", *args])
     assert result.exit_code == 2 and "--yes" in result.output, result.output
