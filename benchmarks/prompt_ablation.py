@@ -40,8 +40,8 @@ from pipeline.arrays import arrow_to_vectors  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.training import recall_at_1 as argmax_recall  # noqa: E402
 
-# (name, overrides): the paper's layout first (the shipped config), then the METHOD.md
-# section 3 ablations that change where the prompts come from.
+# (name, overrides): the paper's layout first (the shipped config), then the
+# ablations of docs/method.md section 3 that change where the prompts come from.
 VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("paper (shallow style, deep gram)", ()),
     ("deep from style", ("model.deep_init=style",)),

@@ -84,7 +84,7 @@ class ExtractConfig:
     # Real VGG-19 weights in the AdaIN layout (a .pth state dict); empty = seeded random init.
     vgg_weights: str = ""
     image_size: int = 224
-    # Spatial average-pool factor applied to relu2_1 before the Gram matrix (METHOD.md 1).
+    # Spatial average-pool factor applied to relu2_1 before the Gram matrix (docs/method.md 1).
     pool: int = 2
     # Seeded random projection of the Gram triangle to this many dims; 0 keeps all 8256.
     gram_dim: int = 256
@@ -108,7 +108,7 @@ class ExtractConfig:
 class ClusterConfig:
     k: int = 4
     niter: int = 25
-    # w = softmax(cos(g, mu) / temperature); METHOD.md 2 uses temperature 1.
+    # w = softmax(cos(g, mu) / temperature); the paper uses temperature 1.
     temperature: float = 1.0
     # K-Means trains on a seeded sample of at most this many training vectors.
     max_train_points: int = 200_000
@@ -127,7 +127,7 @@ class ModelConfig:
     # An open_clip pretrained tag (needs the network), a local checkpoint file, or empty for
     # a seeded random init (logged loudly).
     pretrained: str = ""
-    # METHOD.md 3: prompt tokens inserted after CLS; shallow layers from the style feature,
+    # docs/method.md 3: prompt tokens inserted after CLS; shallow layers from the style feature,
     # deep layers (VPT-deep, replaced per layer) from the Gram vector.
     n_tokens: int = 4
     shallow_init: Literal["style", "gram", "random"] = "style"
@@ -143,7 +143,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Paper recipe (METHOD.md 3): Adam, lr 1e-5, batch 24, up to 20 epochs, early stop after 5.
+    # Paper recipe (docs/method.md 3): Adam, lr 1e-5, batch 24, up to 20 epochs, early stop after 5.
     lr: float = 1e-5
     batch_size: int = 24
     epochs: int = 20
@@ -191,7 +191,7 @@ class EmbedConfig:
 @dataclass(frozen=True)
 class IndexConfig:
     # A FAISS factory string (e.g. "IVF4096,PQ64") or "auto": chosen from the gallery size,
-    # dimension and max_memory_mb, with the reason logged (pipeline/index.py, METHOD.md 5).
+    # dimension and max_memory_mb, with the reason logged (pipeline/index.py, docs/method.md 5).
     factory: str = "auto"
     # Memory budget of the index itself (codes, ids, centroids) for "auto".
     max_memory_mb: int = 4096
@@ -230,7 +230,7 @@ class ScoreConfig:
     # always scores the union of its two short lists exactly).
     nprobe: int = 32
     rerank_k: int = 200
-    # Two-query searches "<style>+<style>"; both fusion rules are reported (METHOD.md 6).
+    # Two-query searches "<style>+<style>"; both fusion rules are reported (docs/method.md 6).
     fused: tuple[str, ...] = FUSED_PAIRS
     fusions: tuple[Literal["max", "mean"], ...] = ("max", "mean")
     # The authors' protocol: rank within consecutive batches of this many (query, photo) pairs.

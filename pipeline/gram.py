@@ -1,4 +1,4 @@
-"""Gram style features g_i from relu2_1 activations (METHOD.md section 1).
+"""Gram style features g_i from relu2_1 activations (docs/method.md section 1).
 
     encoder = GramEncoder(build_vgg_encoder(weights), pool=2, dim=0)
     with torch.inference_mode():
@@ -36,7 +36,7 @@ What the chosen normalisation does and why:
 - `centred=True` (GramEncoder's default): the Gram of the features minus their per-image
   spatial mean, i.e. the channel covariance. ReLU features are non-negative, so the plain
   Gram is dominated by products of channel means and all images look alike (mean pairwise
-  cosine 0.95 after correlation normalisation). METHOD.md writes `G = F F^T / (h*w)`:
+  cosine 0.95 after correlation normalisation). The paper writes `G = F F^T / (h*w)`:
   `gram_matrix(..., centred=False)` is that literal form and `GramEncoder(centred=False)`
   reproduces it.
 - Correlation normalisation `G_ij / sqrt(G_ii G_jj)` makes the vector exactly invariant to a

@@ -1,6 +1,6 @@
 """FAISS gallery index: plan, train on a sample, fill shard by shard, save, search, re-rank.
 
-Arrays in, arrays out (METHOD.md section 5). Every stored vector is float32 and L2-normalised,
+Arrays in, arrays out (docs/method.md section 5). Every stored vector is float32 and L2-normalised,
 and the metric is inner product, so scores are cosines. Ids are the gallery's int64 image ids
 (-1 is FAISS's "no result" and never a real id).
 

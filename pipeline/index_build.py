@@ -1,6 +1,6 @@
 """Build a gallery index from embedding shards on disk: resumable, memory bounded by one shard.
 
-The I/O side of the index stage (METHOD.md 5); `pipeline.index` holds the array functions.
+The I/O side of the index stage (docs/method.md 5); `pipeline.index` holds the array functions.
 
     shards = [Shard("shard-00000", "embed/.../embeddings.parquet", 40), ...]
     plan = plan_index(sum(s.rows for s in shards), d, "auto", budget)

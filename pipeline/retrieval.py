@@ -1,6 +1,6 @@
 """Retrieval scores: Recall@K, mAP@200 / P@200, two-query fusion, the authors' batch protocol.
 
-Arrays in, arrays out (METHOD.md section 6). `I` is a (nq, k) array of gallery ids per query,
+Arrays in, arrays out (docs/method.md section 6). `I` is a (nq, k) array of gallery ids per query,
 best first, -1 for "no result" (what `pipeline.index.search` / `rerank` return). Scores are
 fractions in [0, 1], not percentages.
 
@@ -218,7 +218,7 @@ def batch_protocol_ranks(
 
     Row i of q_emb and g_emb is a (query, photo) pair; consecutive batches of `batch_size`
     pairs (the last one possibly smaller) are scored by cosine, as in the authors' evaluation
-    (METHOD.md 6, only for comparison with published numbers). rank = number of photos in the
+    (docs/method.md 6, only for comparison with published numbers). rank = number of photos in the
     batch at least as similar as the own photo, so ties count against the query. With
     `q_emb_extra` (e.g. the text of a sketch+text query), similarities are `fuse_max`-ed.
     """

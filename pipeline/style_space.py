@@ -1,4 +1,4 @@
-"""Style space: K-Means centres over Gram vectors and soft style features (METHOD.md section 2).
+"""Style space: K-Means centres over Gram vectors and soft style features (docs/method.md 2).
 
 Arrays in, arrays out. Everything compares by cosine: Gram vectors are L2-normalised and the
 centres come from spherical k-means, so `cos(g, mu) = g . mu` after normalisation.

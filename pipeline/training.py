@@ -1,6 +1,6 @@
 """Plain prompt-tuning code: triplet batches, one epoch, validation Recall@1, checkpoints.
 
-The `train` stage is glue around these functions (METHOD.md section 3). Nothing here knows
+The `train` stage is glue around these functions (docs/method.md section 3). Nothing here knows
 about the catalog; checkpoints are a weights file plus a JSON sidecar written last, so a
 sidecar's existence means the checkpoint is complete.
 """

@@ -1,4 +1,4 @@
-"""Stage `cluster`: the K-Means style space over training Gram vectors (METHOD.md 2).
+"""Stage `cluster`: the K-Means style space over training Gram vectors (docs/method.md 2).
 
     fsr-pipe run cluster
 

@@ -1,4 +1,4 @@
-"""Stage `embed`: gallery embeddings from the trained prompted encoder, per shard (METHOD.md 4).
+"""Stage `embed`: gallery embeddings from the trained prompted encoder, sharded (docs/method.md 4).
 
     fsr-pipe stage embed --shard 3
 

@@ -1,4 +1,4 @@
-"""Stage `extract`: VGG Gram style vectors per image, one Parquet pair per shard (METHOD.md 1).
+"""Stage `extract`: VGG Gram style vectors per image, one Parquet pair per shard (docs/method.md 1).
 
     fsr-pipe stage extract --shard 3
 

@@ -1,4 +1,4 @@
-"""Stage `index`: a FAISS index over the gallery embeddings, one per method (METHOD.md 5).
+"""Stage `index`: a FAISS index over the gallery embeddings, one per method (docs/method.md 5).
 
     fsr-pipe run index
 

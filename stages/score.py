@@ -1,4 +1,4 @@
-"""Stage `score`: Recall@K per query style, FreestyleRet vs the plain-CLIP baseline (METHOD.md 6).
+"""Stage `score`: Recall@K per style, FreestyleRet vs the plain-CLIP baseline (docs/method.md 6).
 
     fsr-pipe run score
 

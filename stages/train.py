@@ -1,4 +1,4 @@
-"""Stage `train`: style-initialised prompt tuning on a frozen CLIP (METHOD.md section 3).
+"""Stage `train`: style-initialised prompt tuning on a frozen CLIP (docs/method.md section 3).
 
     fsr-pipe run train
 

@@ -1,4 +1,4 @@
-"""FreestyleRet model and CLIP loading (METHOD.md section 3): tiny CPU models, seconds."""
+"""FreestyleRet model and CLIP loading (docs/method.md section 3): tiny CPU models, seconds."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A listing is two Arrow tables (`GALLERY_LISTING`, `QUERY_LISTING`). Ids are stable hashes of
 keys; shards are assigned by sorted gallery key, and a query lives in its photo's shard.
-Sources (METHOD.md, Datasets):
+Sources (docs/datasets.md):
 - demo: generated from the seed (`pipeline.data.synth`), nothing read from disk;
 - dsr: `images/ sketch/ art/ mosaic/ text/` + `train.json` / `test.json`;
 - folder: `<root>/<class>/<photo>`; generated sketch/art/low-res queries, text

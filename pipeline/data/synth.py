@@ -2,7 +2,7 @@
 
 Shared by the `demo` source (photos rendered from `(seed, index)`, nothing read from disk) and
 the `folder` source, which turns real photos into style queries the ImageNet-X way
-(METHOD.md, Datasets). numpy + PIL only; every function is a pure function of its arguments.
+(docs/datasets.md). numpy + PIL only; every function is a pure function of its arguments.
 
     from pipeline.data.synth import render_photo, STYLE_TRANSFORMS
     photo, caption, label = render_photo(seed=0, index=7)

@@ -1,4 +1,4 @@
-"""FreestyleRet: style-initialised prompt tuning on a frozen CLIP ViT (METHOD.md section 3).
+"""FreestyleRet: style-initialised prompt tuning on a frozen CLIP ViT (docs/method.md section 3).
 
     model = FreestyleRet(clip, gram_encoder, centres, temperature=1.0, spec=PromptSpec())
     x = model.encode_image(images)             # RGB [0, 1] at the Gram encoder's size, L2
@@ -57,7 +57,7 @@ PROMPT_INIT_STD = 0.02
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """Prompt layout (METHOD.md 3); paper best: 4 tokens, shallow=style, deep=gram."""
+    """Prompt layout (docs/method.md 3); paper best: 4 tokens, shallow=style, deep=gram."""
 
     n_tokens: int = 4
     shallow_init: PromptInit = "style"
@@ -239,7 +239,7 @@ class FreestyleRet(nn.Module):
         return self._pool(x)
 
     def encode_image(self, images: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
-        """RGB [0, 1] (N, 3, H, W) -> (N, embed_dim) float32, L2 (METHOD.md 3 and 4).
+        """RGB [0, 1] (N, 3, H, W) -> (N, embed_dim) float32, L2 (docs/method.md 3 and 4).
 
         The Gram path sees `images` as given (H, W = the Gram encoder's size); `gram` may be
         the cached output of the same encoder instead. The ViT sees them resized to the CLIP
@@ -258,7 +258,7 @@ class FreestyleRet(nn.Module):
         return F.normalize(features.float(), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Frozen CLIP text tower (METHOD.md 3: no style adaptation), float32, L2."""
+        """Frozen CLIP text tower (docs/method.md 3: no style adaptation), float32, L2."""
         with torch.no_grad():
             return encode_text(self.clip, tokens)
 
@@ -292,7 +292,7 @@ class FreestyleRet(nn.Module):
 
 def triplet_loss(query: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                  margin: float = 1.0) -> torch.Tensor:
-    """Symmetric triplet loss, d(x, y) = 1 - cos(x, y) (METHOD.md 3), batch of B rows::
+    """Symmetric triplet loss, d(x, y) = 1 - cos(x, y) (docs/method.md 3), batch of B rows::
 
         query->image  L_qi = mean_i relu(d(q_i, p_i) - d(q_i, n_i) + margin)
         image->query  L_iq = mean_i relu(d(p_i, q_i) - d(p_i, q_(i+1 mod B)) + margin)

@@ -1,6 +1,6 @@
 """Build the Gram style encoder from config: the one extract, train and embed all use.
 
-METHOD.md section 1; the normalisation choices are documented in `pipeline/gram.py`.
+docs/method.md section 1; the normalisation choices are documented in `pipeline/gram.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Frozen "VGG-normalised" encoder truncated at relu2_1 (METHOD.md section 1).
+"""Frozen "VGG-normalised" encoder truncated at relu2_1 (docs/method.md section 1).
 
 The layout is the AdaIN style-transfer `nn.Sequential` (a 1x1 input conv, then VGG-19 convs
 with reflection padding), cut right after relu2_1, so that a state dict in AdaIN layout
