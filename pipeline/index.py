@@ -158,13 +158,18 @@ def plan_index(
     return IndexPlan(n, d, f"IVF{nlist},PQ{m}", nlist, m, 8, train_size, estimated, reason)
 
 
-def _plan_given(n: int, d: int, factory: str, max_memory_bytes: int) -> IndexPlan:
+def parse_factory(d: int, factory: str) -> faiss.Index:
+    """The empty, untrained index a factory string describes; ValueError if FAISS rejects it."""
     try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
         message = str(error).strip().splitlines()[-1]
         raise ValueError(
             f"index factory string {factory!r} is not valid for d={d}: {message}") from error
+
+
+def _plan_given(n: int, d: int, factory: str, max_memory_bytes: int) -> IndexPlan:
+    index = parse_factory(d, factory)
     ivf = faiss.try_extract_index_ivf(index)
     nlist = ivf.nlist if ivf is not None else 0
     pq = getattr(faiss.downcast_index(ivf if ivf is not None else index), "pq", None)

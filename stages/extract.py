@@ -21,7 +21,7 @@ from pipeline.catalog import FailureRecord, UnitRow, ViewSpec
 from pipeline.config import Config
 from pipeline.data.loader import ImageItem, iter_batches
 from pipeline.device import resolve_device
-from pipeline.models.style import build_gram_encoder
+from pipeline.models.style import build_gram_encoder, check_vgg_weights
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
 
 
@@ -64,6 +64,9 @@ class ExtractStage(Stage):
             return ("VGG weights: seeded random init; set extract.vgg_weights to real weights "
                     "(random filters tell sketch from photo, finer styles less well)")
         return None
+
+    def check(self, config: Config) -> None:
+        check_vgg_weights(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         units = ctx.catalog.units("prepare", ctx.inputs["prepare"])

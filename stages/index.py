@@ -21,10 +21,11 @@ import pyarrow as pa
 
 from pipeline.artifacts import atomic_path, describe, write_parquet
 from pipeline.catalog import MetricRecord, UnitRow, ViewSpec
-from pipeline.config import Config, fingerprint_fields
+from pipeline.config import Config, ConfigError, fingerprint_fields
 from pipeline.device import resolve_device
-from pipeline.index import plan_index
+from pipeline.index import parse_factory, plan_index
 from pipeline.index_build import Shard, VectorStore, build_index, check_recall, shard_dim
+from pipeline.models.clip import embed_dim
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
 from stages.embed import METHOD_KINDS, methods
 
@@ -51,6 +52,17 @@ class IndexStage(Stage):
     def config_values(self, config: Config) -> dict[str, Any]:
         # The stored vectors' precision is the embed stage's (already in its fingerprint).
         return fingerprint_fields(config.index)
+
+    def check(self, config: Config) -> None:
+        """A factory string FAISS cannot parse for the model's embedding size fails now, not
+        after embedding; one with more lists than the gallery has vectors fails at index."""
+        d = embed_dim(config.model.arch)
+        if config.index.factory != "auto" and d is not None:
+            try:
+                parse_factory(d, config.index.factory)
+            except ValueError as error:
+                raise ConfigError(f"index.factory: {error}; use 'auto' or a FAISS factory "
+                                  "string such as 'IVF1024,PQ64' (docs/config.md)") from error
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         return [PlannedUnit(m, {"kind": METHOD_KINDS[m]}) for m in methods(ctx.config)]

@@ -175,6 +175,12 @@ def test_cli_stops_bad_settings_before_any_work(tiny_config, tmp_path):
         (f"model.pretrained='{tmp_path}'", 1, "(model.pretrained) is a directory"),
         (f"model.pretrained='{tmp_path / 'nope.pt'}'", 1, "does not exist"),
         ("data.test_fraction=0", 2, "data.test_fraction = 0 puts no demo photo in the test"),
+        (f"extract.vgg_weights='{tmp_path / 'vgg.pth'}'", 1,
+         "(extract.vgg_weights) does not exist"),
+        (f"extract.vgg_weights='{tmp_path}'", 1, "(extract.vgg_weights) is a directory"),
+        ("index.factory='IVF8,Bogus'", 2, "index.factory: index factory string 'IVF8,Bogus' is "
+                                         "not valid for d=64"),
+        ("index.factory='IVF8,PQ7'", 2, "is not valid for d=64"),  # 7 does not divide 64
     ]
     if not torch.cuda.is_available():
         cases.append(("run.device='cuda'", 2, "run.device: 'cuda' but torch sees no CUDA"))

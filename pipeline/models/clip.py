@@ -171,6 +171,14 @@ def vision_layers(arch: str) -> int:
     return layers
 
 
+def embed_dim(arch: str) -> int | None:
+    """Dimension of `arch`'s image/text embeddings, read from its config (nothing is built);
+    None if the config has none. An unknown architecture raises WeightsError."""
+    cfg = _known_arch(arch) or open_clip.get_model_config(arch) or {}
+    dim = cfg.get("embed_dim")
+    return dim if isinstance(dim, int) else None
+
+
 def check_pretrained(arch: str, pretrained: str) -> None:
     """Raise now (before any work) if `load_clip(arch, pretrained)` cannot find its weights;
     the file's contents and downloads are only checked when loading."""

@@ -8,7 +8,7 @@ import torch
 from pipeline.config import Config, ConfigError
 from pipeline.models.clip import check_pretrained, load_clip, vision_layers
 from pipeline.models.freestyle import FreestyleRet, PromptSpec
-from pipeline.models.style import build_gram_encoder
+from pipeline.models.style import build_gram_encoder, check_vgg_weights
 
 
 def pretrained_source(config: Config) -> str:
@@ -21,8 +21,10 @@ def pretrained_source(config: Config) -> str:
 
 def check_model_config(config: Config) -> None:
     """Everything about `[model]` that can be checked without building it: the architecture
-    is known and has a ViT, the weights exist, the shallow layers fit. Runs before any stage
+    is known and has a ViT, the weights (CLIP's and the Gram path's VGG) exist, the shallow
+    layers fit. Runs before any stage
     does work, so a typo does not surface after an hour of feature extraction."""
+    check_vgg_weights(config)  # the model runs the Gram path too
     layers = vision_layers(config.model.arch)
     if config.model.shallow_layers > layers:
         raise ConfigError(

@@ -12,6 +12,17 @@ from pipeline.gram import GramEncoder
 from pipeline.models.vgg import build_vgg_encoder
 
 
+def check_vgg_weights(config: Config) -> None:
+    """Raise now, before any stage works, if `extract.vgg_weights` names no file."""
+    if config.extract.vgg_weights:
+        path = config.resolve(config.extract.vgg_weights)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(
+                f"VGG weights {path} (extract.vgg_weights) {what}; pass the .pth file "
+                "(docs/config.md), or '' for a seeded random init")
+
+
 def build_gram_encoder(config: Config, device: torch.device) -> GramEncoder:
     """VGG (real weights from `extract.vgg_weights`, else seeded random) + Gram + projection."""
     cfg = config.extract
