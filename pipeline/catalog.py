@@ -368,18 +368,28 @@ class Catalog:
         )
         return {r[0] for r in rows}
 
-    def failure_counts(self, stage: str, fingerprint: str) -> tuple[int, int]:
-        """(bad items, good items) over the done units of a stage's plan."""
+    def failure_counts(self, stage: str, fingerprint: str,
+                       good_metric: str) -> list[tuple[str, int, int]]:
+        """(item kind, bad items, good items) per kind with bad items, over the done units of
+        a stage's plan. Good items are the `good_metric` metrics labelled with the kind; units
+        that recorded none count their `rows`."""
         bad = self.rows(
-            "SELECT count(*) FROM item_failures WHERE stage = ? AND fingerprint = ?",
-            [stage, fingerprint],
-        )[0][0]
-        good = self.rows(
-            "SELECT coalesce(sum(rows), 0) FROM units "
-            "WHERE stage = ? AND fingerprint = ? AND status = 'done'",
-            [stage, fingerprint],
-        )[0][0]
-        return int(bad), int(good)
+            "SELECT item_kind, count(*) FROM item_failures WHERE stage = ? AND fingerprint = ? "
+            "GROUP BY item_kind ORDER BY item_kind", [stage, fingerprint])
+        if not bad:
+            return []
+        counted = self.rows(
+            "SELECT json_extract_string(m.labels_json, '$.item_kind'), sum(m.value) "
+            "FROM metrics m JOIN units u USING (stage, unit_key, fingerprint) "
+            "WHERE m.name = ? AND u.stage = ? AND u.fingerprint = ? AND u.status = 'done' "
+            "GROUP BY 1", [good_metric, stage, fingerprint])
+        good = {kind: int(n) for kind, n in counted}
+        rows = self.rows(
+            "SELECT coalesce(sum(u.rows), 0) FROM units u WHERE u.stage = ? AND "
+            "u.fingerprint = ? AND u.status = 'done' AND NOT EXISTS (SELECT 1 FROM metrics m "
+            "WHERE (m.stage, m.unit_key, m.fingerprint) = (u.stage, u.unit_key, u.fingerprint) "
+            "AND m.name = ?)", [stage, fingerprint, good_metric])[0][0]
+        return [(kind, int(n), good.get(kind, 0) + int(rows)) for kind, n in bad]
 
     # -- views -------------------------------------------------------------------------------
 

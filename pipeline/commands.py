@@ -15,6 +15,7 @@ from pipeline.runner import (
     Runner,
     StageReport,
     downstream,
+    failure_summary,
     fingerprints,
     plan_rows,
     too_many_failures,
@@ -88,9 +89,7 @@ def status(config: Config) -> list[StageStatus]:
             st.seconds += seconds
         if st.planned and st.done and (excess := too_many_failures(
                 catalog, stage.name, st.fingerprint, config.data.max_failure_ratio)):
-            bad, good = excess
-            note = (f"{bad} of {bad + good} items are bad inputs, over "
-                    f"data.max_failure_ratio = {config.data.max_failure_ratio}: stages "
+            note = (f"{failure_summary(*excess, config.data.max_failure_ratio)}: stages "
                     "after it do not run (see failures_by_reason)")
             st.notes = f"{st.notes}; {note}" if st.notes else note
         if died := dead.get((stage.name, st.fingerprint)):

@@ -14,11 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipeline.artifacts import remove_stale_tmp
-from pipeline.catalog import Catalog, PlanRow, UnitRow
+from pipeline.catalog import Catalog, MetricRecord, PlanRow, UnitRow
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.progress import ProgressBoard
 from pipeline.stage import PipelineError, Stage, StageContext, shard_key
+
+GOOD_ITEMS = "good_items"  # the metric holding UnitResult.good
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,19 @@ def plan_rows(stages: Sequence[Stage], config: Config) -> list[PlanRow]:
 
 
 def too_many_failures(catalog: Catalog, stage: str, fingerprint: str,
-                      limit: float) -> tuple[int, int] | None:
-    """(bad, good) item counts of a plan when more than `limit` of its items are bad inputs
-    (data.max_failure_ratio: the run stops there), else None."""
-    bad, good = catalog.failure_counts(stage, fingerprint)
-    return (bad, good) if bad and bad > limit * (bad + good) else None
+                      limit: float) -> tuple[str, int, int] | None:
+    """(item kind, bad, good) of the kind of item with the largest share of bad inputs in a
+    plan, when that share is over `limit` (data.max_failure_ratio: the run stops there)."""
+    counts = catalog.failure_counts(stage, fingerprint, GOOD_ITEMS)
+    over = [(bad / (bad + good), kind, bad, good) for kind, bad, good in counts
+            if bad > limit * (bad + good)]
+    return max(over)[1:] if over else None
+
+
+def failure_summary(kind: str, bad: int, good: int, limit: float) -> str:
+    """'5 of 406 gallery items are bad inputs (1.23%, over data.max_failure_ratio = 0.01)'."""
+    return (f"{bad} of {bad + good} {kind} items are bad inputs ({bad / (bad + good):.2%}, "
+            f"over data.max_failure_ratio = {limit})")
 
 
 class Runner:
@@ -223,15 +233,17 @@ class Runner:
         try:
             result = stage.run(ctx, unit)
             seconds = time.monotonic() - started
+            good = [MetricRecord(GOOD_ITEMS, float(n), {"item_kind": kind})
+                    for kind, n in sorted(result.good.items())]
             self.catalog.finish(
                 stage.name, unit.key, ctx.fingerprint, result.rows, seconds,
-                result.artifacts, result.failures, result.metrics,
+                result.artifacts, result.failures, [*result.metrics, *good],
             )
         except BaseException as exc:  # Ctrl-C and SIGTERM too: never leave a `running` mark
             seconds = time.monotonic() - started
             reason = str(exc) or type(exc).__name__  # KeyboardInterrupt has no message
-            self.catalog.fail(stage.name, unit.key, ctx.fingerprint,
-                              f"{type(exc).__name__}: {exc}", seconds)
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.catalog.fail(stage.name, unit.key, ctx.fingerprint, error, seconds)
             log.error("%s %s failed after %.1fs: %s", stage.name, unit.key, seconds, reason)
             raise
         log.info("%s %s: %d rows (%d bad inputs) in %.1fs -> %s", stage.name, unit.key, result.rows,
@@ -241,10 +253,8 @@ class Runner:
     def _check_failures(self, stage: str, fingerprint: str) -> None:
         limit = self.config.data.max_failure_ratio
         if excess := too_many_failures(self.catalog, stage, fingerprint, limit):
-            bad, good = excess
             raise PipelineError(
-                f"stage {stage}: {bad} of {bad + good} items are bad inputs "
-                f"({bad / (bad + good):.1%} > data.max_failure_ratio = {limit}); see them with "
+                f"stage {stage}: {failure_summary(*excess, limit)}; see them with "
                 f"fsr-pipe sql \"SELECT * FROM failures_by_reason WHERE stage = '{stage}'\". "
                 f"Fix the inputs and redo the stage (fsr-pipe reset {stage} -y; fsr-pipe run "
                 f"{stage}), or raise data.max_failure_ratio"

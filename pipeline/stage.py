@@ -43,6 +43,10 @@ class UnitResult:
     artifacts: list[ArtifactRecord] = field(default_factory=list)
     failures: list[FailureRecord] = field(default_factory=list)
     metrics: list[MetricRecord] = field(default_factory=list)
+    # Good items per item kind ("gallery", "query"), the denominators of the failure ratio
+    # next to `failures`; recorded as `good_items` metrics. A stage that records failures
+    # and leaves this empty is judged against `rows`.
+    good: dict[str, int] = field(default_factory=dict)
 
 
 def shard_key(shard: int) -> str:

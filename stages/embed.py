@@ -146,7 +146,7 @@ class EmbedStage(Stage):
             self._table(ids, chunks[method], cfg.dtype), out / FILES[method]), len(ids))
             for method in encoders]
         return UnitResult(
-            rows=len(ids), artifacts=artifacts, failures=failures,
+            rows=len(ids), artifacts=artifacts, failures=failures, good={"gallery": len(ids)},
             metrics=[MetricRecord("images_per_s", len(ids) / max(seconds, 1e-9)),
                      MetricRecord("shard_seconds", seconds)],
         )

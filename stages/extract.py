@@ -107,6 +107,7 @@ class ExtractStage(Stage):
         gallery_table = _table("image_id", ids["gallery"], vectors["gallery"], dim)
         return UnitResult(
             rows=len(query_table) + len(gallery_table),
+            good={"query": len(query_table), "gallery": len(gallery_table)},
             artifacts=[
                 describe("gram_queries",
                          write_parquet(query_table, out_dir / "gram_queries.parquet"),

@@ -119,6 +119,7 @@ class PrepareStage(Stage):
         query_table = pa.Table.from_pylist(query_rows, schema=QUERIES)
         return UnitResult(
             rows=len(gallery_rows) + len(query_rows),
+            good={"gallery": len(gallery_rows), "query": len(query_rows)},
             artifacts=[
                 describe("gallery", write_parquet(gallery_table, out / "gallery.parquet"),
                          len(gallery_table)),

@@ -177,6 +177,7 @@ class ScoreStage(Stage):
         metrics += [MetricRecord("encode_queries_per_s", len(emb) / max(encode_seconds, 1e-9)),
                     MetricRecord("search_queries_per_s", n_searched / max(search_seconds, 1e-9))]
         return UnitResult(rows=len(emb), artifacts=artifacts, failures=failures,
+                          good={"query": len(emb)},
                           metrics=metrics)
 
 

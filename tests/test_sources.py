@@ -326,17 +326,24 @@ def test_folder_too_many_bad_photos_stop_the_run(tmp_path: Path, cli: CliRunner)
     with pytest.raises(commands.PipelineError) as caught:
         commands.run(load_config(config_path), ["extract"], progress=False)
     message = str(caught.value)
-    assert "stage prepare: 5 of 40 items are bad inputs (12.5% >" in message
+    # Photos are judged against photos: 5 of the 12 (the 7 good ones' 28 queries do not
+    # dilute the share; counted with them it was "5 of 40", 12.5%).
+    assert ("stage prepare: 5 of 12 gallery items are bad inputs (41.67%, over "
+            "data.max_failure_ratio = 0.05)") in message
     assert "failures_by_reason" in message and "data.max_failure_ratio" in message
     assert "fsr-pipe reset prepare -y" in message
     # The bad items are there to look at, and status says why the run stops.
     assert len(failures(catalog_of(config_path), "prepare")) == len(BAD)
     prepare = commands.status(load_config(config_path))[1]
-    assert prepare.failed == 0 and "5 of 40 items are bad inputs, over" in prepare.notes
+    assert prepare.failed == 0 and "5 of 12 gallery items are bad inputs" in prepare.notes
     # `stage extract` (a scheduler's array task) refuses too: prepare's units are all done,
     # but what they produced is over the limit.
-    with pytest.raises(commands.PipelineError, match="stage prepare: 5 of 40 items are bad"):
+    with pytest.raises(commands.PipelineError, match="stage prepare: 5 of 12 gallery items"):
         commands.run(load_config(config_path), ["extract"], with_upstream=False, progress=False)
+    # 41.67% of the photos is over a 30% limit (with queries counted as items it passed).
+    with pytest.raises(commands.PipelineError, match=r"\(41.67%, over data.max_failure_ratio"):
+        commands.run(load_config(config_path, ["data.max_failure_ratio=0.3"]), ["extract"],
+                     progress=False)
 
     result = cli.invoke(app, ["run", "extract", "--config",
                                str(folder_config(tmp_path, "cli"))])
