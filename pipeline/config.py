@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +51,7 @@ class RunConfig:
 class DataConfig:
     source: Literal["demo", "dsr", "folder", "manifest"] = "demo"
     # dsr/folder: dataset root; manifest: a .parquet or .csv file. Unused for demo.
-    path: str = ""
+    path: str = field(default="", metadata={"path": "file"})
     # Gallery items per shard; queries follow their target photo's shard.
     shard_size: int = 64
     # folder/demo: fraction of items in the test split (dsr and manifest carry their split).
@@ -82,7 +84,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ExtractConfig:
     # Real VGG-19 weights in the AdaIN layout (a .pth state dict); empty = seeded random init.
-    vgg_weights: str = ""
+    vgg_weights: str = field(default="", metadata={"path": "file"})
     image_size: int = 224
     # Spatial average-pool factor applied to relu2_1 before the Gram matrix (docs/method.md 1).
     pool: int = 2
@@ -126,7 +128,7 @@ class ModelConfig:
     arch: str = "ViT-B-32"
     # An open_clip pretrained tag (needs the network), a local checkpoint file, or empty for
     # a seeded random init (logged loudly).
-    pretrained: str = ""
+    pretrained: str = field(default="", metadata={"path": "file-or-tag"})
     # docs/method.md 3: prompt tokens inserted after CLS; shallow layers from the style feature,
     # deep layers (VPT-deep, replaced per layer) from the Gram vector.
     n_tokens: int = 4
@@ -400,13 +402,23 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return config_from_dict(raw, base_dir)
 
 
-def fingerprint_fields(section: Any) -> dict[str, Any]:
-    """The fields of a section that define results (excludes `fingerprint=False` fields)."""
-    return {
-        f.name: getattr(section, f.name)
-        for f in dataclasses.fields(section)
-        if f.metadata.get("fingerprint", True)
-    }
+def fingerprint_fields(section: Any, resolve: Callable[[str], Path]) -> dict[str, Any]:
+    """The fields of a section that define results (excludes `fingerprint=False` fields).
+
+    Path fields go in as normalised absolute paths (`resolve` is `Config.resolve`), so
+    `photos`, `./photos/` and `/data/photos` are one plan; `model.pretrained` only when it
+    names an existing file (otherwise it is an open_clip tag).
+    """
+    values = {}
+    for f in dataclasses.fields(section):
+        if not f.metadata.get("fingerprint", True):
+            continue
+        value = getattr(section, f.name)
+        kind = f.metadata.get("path")
+        if kind and value and (kind == "file" or resolve(value).is_file()):
+            value = os.path.normpath(resolve(value))
+        values[f.name] = value
+    return values
 
 
 def to_dict(config: Config) -> dict[str, Any]:

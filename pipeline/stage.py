@@ -115,7 +115,7 @@ class Stage:
         return None
 
     def config_values(self, config: Config) -> dict[str, Any]:
-        return fingerprint_fields(config.section(self.section))
+        return fingerprint_fields(config.section(self.section), config.resolve)
 
     def fingerprint(self, config: Config, inputs: dict[str, str]) -> str:
         """Hash of the stage's code version, config section, seed and upstream fingerprints."""

@@ -51,7 +51,7 @@ class IndexStage(Stage):
 
     def config_values(self, config: Config) -> dict[str, Any]:
         # The stored vectors' precision is the embed stage's (already in its fingerprint).
-        return fingerprint_fields(config.index)
+        return fingerprint_fields(config.index, config.resolve)
 
     def check(self, config: Config) -> None:
         """A factory string FAISS cannot parse for the model's embedding size fails now, not

@@ -23,7 +23,8 @@ class IngestStage(Stage):
     def config_values(self, config: Config) -> dict[str, Any]:
         # The listing files' size and mtime join the fingerprint: an edited train.json or
         # manifest (or a class folder gaining photos) re-lists the dataset.
-        return {**fingerprint_fields(config.data), "source_stamp": source_stamp(config)}
+        return {**fingerprint_fields(config.data, config.resolve),
+                "source_stamp": source_stamp(config)}
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         return [PlannedUnit("listing", {})]

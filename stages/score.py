@@ -93,7 +93,7 @@ class ScoreStage(Stage):
     )
 
     def config_values(self, config: Config) -> dict[str, Any]:
-        return fingerprint_fields(config.score)
+        return fingerprint_fields(config.score, config.resolve)
 
     def check(self, config: Config) -> None:
         check_model_config(config)

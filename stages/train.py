@@ -83,8 +83,8 @@ class TrainStage(Stage):
                       "epoch INTEGER, loss DOUBLE, val_recall_at_1 DOUBLE"),)
 
     def config_values(self, config: Config) -> dict[str, Any]:
-        return {"train": fingerprint_fields(config.train),
-                "model": fingerprint_fields(config.model)}
+        return {"train": fingerprint_fields(config.train, config.resolve),
+                "model": fingerprint_fields(config.model, config.resolve)}
 
     def notes(self, config: Config) -> str | None:
         if not config.model.pretrained:

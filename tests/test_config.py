@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -76,9 +77,31 @@ def test_config_is_frozen(tmp_path):
 
 def test_run_only_fields_stay_out_of_fingerprints(tmp_path):
     config = load_config(write(tmp_path, ""))
-    fields = fingerprint_fields(config.extract)
+    fields = fingerprint_fields(config.extract, config.resolve)
     assert "batch_size" not in fields and "num_workers" not in fields
     assert "gram_dim" in fields
+
+
+def test_one_path_spelt_several_ways_is_one_fingerprint(tmp_path, monkeypatch):
+    """A trailing slash, ./, .., ~ or the absolute form of the same file must not re-run the
+    pipeline (they were five plans of one folder); a pretrained tag stays a tag."""
+    from pipeline.runner import fingerprints
+    from stages import all_stages
+
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    (tmp_path / "vgg.pth").write_bytes(b"weights")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = write(tmp_path, "[data]\nsource = 'folder'\npath = 'photos'\n")
+    spellings = [("photos", "vgg.pth"), ("./photos/", "./vgg.pth"),
+                 (f"{tmp_path}/photos", f"{tmp_path}/vgg.pth"),
+                 ("photos/cat/..", "photos/../vgg.pth"), ("~/photos", "~/vgg.pth")]
+    plans = {json.dumps(fingerprints(all_stages(), load_config(path, [
+        f"data.path='{data}'", f"extract.vgg_weights='{vgg}'"]))) for data, vgg in spellings}
+    assert len(plans) == 1
+    other = load_config(path, ["data.path='photos/cat'", "extract.vgg_weights='vgg.pth'"])
+    assert json.dumps(fingerprints(all_stages(), other)) not in plans
+    config = load_config(path, ["model.pretrained='laion2b_s34b_b79k'"])
+    assert fingerprint_fields(config.model, config.resolve)["pretrained"] == "laion2b_s34b_b79k"
 
 
 def test_missing_config_file_names_the_path(tmp_path):
