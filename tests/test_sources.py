@@ -363,6 +363,33 @@ def test_folder_without_class_folders(tmp_path: Path) -> None:
                                       path=tmp_path / "nope"))
     with pytest.raises(SourceError, match=f"photo folder {tmp_path / 'nope'} not found"):
         commands.run(config, ["ingest"], progress=False)
+    config = load_config(write_config(tmp_path, tmp_path / "run", source="folder",
+                                      path=tmp_path / "flat" / "a.jpg"))
+    with pytest.raises(SourceError, match="a.jpg is a file, not a folder"):
+        commands.run(config, ["ingest"], progress=False)
+
+
+def test_folder_skips_hidden_entries_and_says_what_it_left_out(tmp_path: Path, caplog) -> None:
+    """Hidden and NAS system entries are never photos or classes; photos the folder layout
+    cannot take (loose in the root, nested deeper, other formats) are named in a warning."""
+    root = tmp_path / "photos"
+    for name in ["cat/a.jpg", "dog/b.png", ".thumbnails/t.jpg", "@eaDir/SYNO_THUMB.jpg",
+                 "cat/.hidden.jpg", "cat/._a.jpg", "loose.jpg", "cat/sub/nested.jpg"]:
+        save(photo(len(name)), root / name)
+    (root / ".DS_Store").write_bytes(b"\0")
+    (root / "dog" / "IMG_1.HEIC").write_bytes(b"\0" * 64)  # no HEIC decoder here
+    config = load_config(write_config(tmp_path, tmp_path / "run", source="folder", path=root))
+    with caplog.at_level("WARNING", logger="pipeline.data.sources"):
+        commands.run(config, ["prepare"], progress=False)
+    catalog = catalog_of(tmp_path / "pipeline.toml")
+    assert catalog.rows("SELECT key, class_label FROM gallery ORDER BY key") == [
+        ("cat/a.jpg", "cat"), ("dog/b.png", "dog")]
+    warnings = " | ".join(r.getMessage() for r in caplog.records)
+    assert "1 files directly in the root (not in a class folder) left out (e.g. loose.jpg)" in (
+        warnings)
+    assert "1 sub-folders inside class folders (not searched) left out (e.g. cat/sub)" in warnings
+    assert "images left out (e.g. dog/IMG_1.HEIC)" in warnings
+    assert ".thumbnails" not in warnings and "eaDir" not in warnings and "._a" not in warnings
 
 
 # -- manifest -------------------------------------------------------------------------------

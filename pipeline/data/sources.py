@@ -13,6 +13,7 @@ Sources (docs/datasets.md):
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import pyarrow.parquet as pq
 
 from pipeline.arrays import stable_id, stable_uniform
 from pipeline.config import Config
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 DSR_STYLE_DIRS = {"sketch": "sketch", "art": "art", "lowres": "mosaic"}
@@ -144,18 +147,47 @@ def list_dsr(config: Config) -> ListingBuilder:
     return builder
 
 
+def _hidden(path: Path) -> bool:
+    """Dot files and folders (.DS_Store, .thumbnails, macOS ._ forks) and NAS system folders
+    (Synology's @eaDir): never photos or classes."""
+    return path.name.startswith((".", "@"))
+
+
+def _log_left_out(root: Path, left_out: dict[str, list[str]]) -> None:
+    for what, names in left_out.items():
+        if names:
+            log.warning("folder %s: %d %s left out (e.g. %s)", root, len(names), what,
+                        ", ".join(names[:3]))
+
+
 def list_folder(config: Config) -> ListingBuilder:
     root = config.resolve(config.data.path)
     if not root.is_dir():
-        raise SourceError(f"photo folder {root} not found (data.path)")
+        what = "is a file, not a folder" if root.exists() else "not found"
+        raise SourceError(f"photo folder {root} {what} (data.path; expected "
+                          "<root>/<class>/<photo>)")
     builder = ListingBuilder(config.data.shard_size)
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    entries = sorted(p for p in root.iterdir() if not _hidden(p))
+    classes = [p for p in entries if p.is_dir()]
     if not classes:
         raise SourceError(f"{root} has no class sub-folders (expected <root>/<class>/<photo>)")
+    left_out: dict[str, list[str]] = {
+        "files directly in the root (not in a class folder)":
+            [p.name for p in entries if not p.is_dir()],
+        "sub-folders inside class folders (not searched)": [],
+        f"files that are not {'/'.join(sorted(IMAGE_SUFFIXES))} images": [],
+    }
+    nested, other = list(left_out)[1:]
     for class_dir in classes:
         label = class_dir.name
         for photo in sorted(class_dir.iterdir()):
+            if _hidden(photo):
+                continue
+            if photo.is_dir():
+                left_out[nested].append(f"{label}/{photo.name}")
+                continue
             if photo.suffix.lower() not in IMAGE_SUFFIXES:
+                left_out[other].append(f"{label}/{photo.name}")
                 continue
             key = f"{label}/{photo.name}"
             split = _split(config.run.seed, key, config.data.test_fraction)
@@ -163,6 +195,7 @@ def list_folder(config: Config) -> ListingBuilder:
             builder.add_query(key, "text", text=f"a photo of a {label.replace('_', ' ')}")
             for style in config.data.styles:
                 builder.add_query(key, style, generate=True)
+    _log_left_out(root, left_out)
     return builder
 
 
@@ -254,7 +287,8 @@ def source_stamp(config: Config) -> list[tuple[str, int, int]]:
     elif data.source == "manifest":
         paths = [root]
     else:  # folder: a class folder's mtime changes when photos are added or removed
-        paths = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+        paths = [root, *sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))] \
+            if root.is_dir() else []
     stamp = []
     for path in paths:
         if path.exists():
