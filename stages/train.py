@@ -159,6 +159,12 @@ class TrainStage(Stage):
                                    cfg.margin, device, cfg.amp, advance)
             self._end_epoch(ctx, unit, out, epoch, {"loss": loss, **evaluate()}, model,
                             optimizer, scaler, history, saved_config)
+        if history.best_epoch == 0 and len(history.epochs) > 1:
+            ctx.log.warning(
+                "train: no epoch beat the untrained prompts' validation R@1 (%.3f), so model.pt "
+                "holds them and FreestyleRet scores as its untrained prompts; try another "
+                "train.lr, more train.epochs, or pretrained weights (model.pretrained)",
+                history.epochs[0]["val_recall@1"])
         sizes = {"validation_photos": len(val_photos), "validation_gallery": len(val_gallery)}
         return self._result(out, model, history, trainable, frozen, sizes)
 

@@ -401,6 +401,9 @@ def test_early_stopping(shared, caplog):
     assert epochs in ([0, 1], [0, 1, 2]) and len(epochs) < EPOCHS + 1
     assert "early stop" in caplog.text
     assert json.loads((train_dir(config) / "model.json").read_text())["best_epoch"] == 0
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING
+              and "no epoch beat the untrained prompts" in r.getMessage()]
+    assert len(warned) == 1, caplog.text
 
 
 def test_fingerprints_rerun_only_what_changed(shared):
