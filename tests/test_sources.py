@@ -26,6 +26,8 @@ from pipeline.catalog import Catalog
 from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.data.sources import SourceError
+from pipeline.runner import fingerprints
+from stages import all_stages
 
 SIZE = 48  # photo side in pixels: tiny, but enough for the style transforms
 STYLES = {"text", "sketch", "art", "lowres"}
@@ -390,6 +392,19 @@ def test_folder_skips_hidden_entries_and_says_what_it_left_out(tmp_path: Path, c
     assert "1 sub-folders inside class folders (not searched) left out (e.g. cat/sub)" in warnings
     assert "images left out (e.g. dog/IMG_1.HEIC)" in warnings
     assert ".thumbnails" not in warnings and "eaDir" not in warnings and "._a" not in warnings
+
+    # The listing defines ingest's fingerprint: stray files do not re-run the pipeline (a
+    # Finder .DS_Store used to), a new photo does.
+    def ingest_fingerprint() -> str:
+        return fingerprints(all_stages(), config)["ingest"]
+
+    before = ingest_fingerprint()
+    (root / "cat" / ".DS_Store").write_bytes(b"\0")
+    (root / "dog" / "notes.txt").write_text("x")
+    (root / "._root_fork").write_bytes(b"\0")
+    assert ingest_fingerprint() == before
+    save(photo(99), root / "dog" / "c.jpg")
+    assert ingest_fingerprint() != before
 
 
 # -- manifest -------------------------------------------------------------------------------

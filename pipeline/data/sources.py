@@ -12,8 +12,10 @@ Sources (docs/datasets.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,10 +149,9 @@ def list_dsr(config: Config) -> ListingBuilder:
     return builder
 
 
-def _hidden(path: Path) -> bool:
-    """Dot files and folders (.DS_Store, .thumbnails, macOS ._ forks) and NAS system folders
-    (Synology's @eaDir): never photos or classes."""
-    return path.name.startswith((".", "@"))
+# Dot files and folders (.DS_Store, .thumbnails, macOS ._ forks) and NAS system folders
+# (Synology's @eaDir) are never photos or classes.
+HIDDEN = (".", "@")
 
 
 def _log_left_out(root: Path, left_out: dict[str, list[str]]) -> None:
@@ -160,41 +161,55 @@ def _log_left_out(root: Path, left_out: dict[str, list[str]]) -> None:
                         ", ".join(names[:3]))
 
 
+LEFT_OUT = ("files directly in the root (not in a class folder)",
+            "sub-folders inside class folders (not searched)",
+            f"files that are not {'/'.join(sorted(IMAGE_SUFFIXES))} images")
+
+
+def folder_photos(root: Path) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """(class label, file name) of the photos of `<root>/<class>/<photo>` in key order, and
+    what the layout leaves out (LEFT_OUT -> names). Plain strings and os.scandir (no stat per
+    file): it runs for every command's fingerprints too: 0.3 s per 100k photos on a local disk."""
+    def entries(folder: str) -> list[os.DirEntry]:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(HIDDEN)),
+                          key=lambda e: e.name)
+
+    loose, nested, other = LEFT_OUT
+    left_out: dict[str, list[str]] = {loose: [], nested: [], other: []}
+    photos = []
+    for entry in entries(str(root)):
+        if not entry.is_dir():
+            left_out[loose].append(entry.name)
+            continue
+        for photo in entries(entry.path):
+            if photo.is_dir():
+                left_out[nested].append(f"{entry.name}/{photo.name}")
+            elif os.path.splitext(photo.name)[1].lower() not in IMAGE_SUFFIXES:
+                left_out[other].append(f"{entry.name}/{photo.name}")
+            else:
+                photos.append((entry.name, photo.name))
+    return photos, left_out
+
+
 def list_folder(config: Config) -> ListingBuilder:
     root = config.resolve(config.data.path)
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "not found"
         raise SourceError(f"photo folder {root} {what} (data.path; expected "
                           "<root>/<class>/<photo>)")
+    photos, left_out = folder_photos(root)
+    if not photos:
+        raise SourceError(f"{root} has no class sub-folders with photos (expected "
+                          "<root>/<class>/<photo>)")
     builder = ListingBuilder(config.data.shard_size)
-    entries = sorted(p for p in root.iterdir() if not _hidden(p))
-    classes = [p for p in entries if p.is_dir()]
-    if not classes:
-        raise SourceError(f"{root} has no class sub-folders (expected <root>/<class>/<photo>)")
-    left_out: dict[str, list[str]] = {
-        "files directly in the root (not in a class folder)":
-            [p.name for p in entries if not p.is_dir()],
-        "sub-folders inside class folders (not searched)": [],
-        f"files that are not {'/'.join(sorted(IMAGE_SUFFIXES))} images": [],
-    }
-    nested, other = list(left_out)[1:]
-    for class_dir in classes:
-        label = class_dir.name
-        for photo in sorted(class_dir.iterdir()):
-            if _hidden(photo):
-                continue
-            if photo.is_dir():
-                left_out[nested].append(f"{label}/{photo.name}")
-                continue
-            if photo.suffix.lower() not in IMAGE_SUFFIXES:
-                left_out[other].append(f"{label}/{photo.name}")
-                continue
-            key = f"{label}/{photo.name}"
-            split = _split(config.run.seed, key, config.data.test_fraction)
-            builder.add_photo(key, split, label, str(photo))
-            builder.add_query(key, "text", text=f"a photo of a {label.replace('_', ' ')}")
-            for style in config.data.styles:
-                builder.add_query(key, style, generate=True)
+    for label, name in photos:
+        key = f"{label}/{name}"
+        split = _split(config.run.seed, key, config.data.test_fraction)
+        builder.add_photo(key, split, label, str(root / label / name))
+        builder.add_query(key, "text", text=f"a photo of a {label.replace('_', ' ')}")
+        for style in config.data.styles:
+            builder.add_query(key, style, generate=True)
     _log_left_out(root, left_out)
     return builder
 
@@ -276,8 +291,9 @@ def list_manifest(config: Config) -> ListingBuilder:
     return builder
 
 
-def source_stamp(config: Config) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of the files and folders that define a source's listing."""
+def source_stamp(config: Config) -> list[tuple[str, int, int | str]]:
+    """What defines a source's listing, for ingest's fingerprint: (path, size, mtime_ns) of
+    DSR's listing files or the manifest; (root, photos, sha256 of their keys) of a folder."""
     data = config.data
     if data.source == "demo":
         return []
@@ -286,9 +302,12 @@ def source_stamp(config: Config) -> list[tuple[str, int, int]]:
         paths = [root / "train.json", root / "test.json"]
     elif data.source == "manifest":
         paths = [root]
-    else:  # folder: a class folder's mtime changes when photos are added or removed
-        paths = [root, *sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))] \
-            if root.is_dir() else []
+    else:  # folder: the photos it lists, by name (stray files and .DS_Store do not count)
+        if not root.is_dir():
+            return []
+        keys = "\n".join(f"{label}/{name}" for label, name in folder_photos(root)[0])
+        return [(str(root), keys.count("\n") + bool(keys),
+                 hashlib.sha256(keys.encode()).hexdigest()[:16])]
     stamp = []
     for path in paths:
         if path.exists():
