@@ -200,18 +200,23 @@ class Runner:
             log.info("%s: removed %d temporary file(s) left by a crashed run", stage.name, removed)
         todo = [u for u in units if u.status != "done"]
         report.skipped = len(units) - len(todo)
-        with self.board.task(stage.name, len(todo)) as advance:
-            for unit in todo:
-                outcome = self._run_unit(stage, ctx, unit)
-                if outcome.startswith("busy"):
-                    report.busy.append(f"{unit.key} ({outcome})")
-                elif outcome == "done":
-                    report.skipped += 1
-                else:
-                    report.ran += 1
-                advance(1)
-        if stage.views:
-            self.catalog.refresh_views(stage.views)
+        try:
+            with self.board.task(stage.name, len(todo)) as advance:
+                for unit in todo:
+                    outcome = self._run_unit(stage, ctx, unit)
+                    if outcome.startswith("busy"):
+                        report.busy.append(f"{unit.key} ({outcome})")
+                    elif outcome == "done":
+                        report.skipped += 1
+                    else:
+                        report.ran += 1
+                    advance(1)
+        except Exception:
+            # A failed unit: the stored views still show the units that finished before it
+            # (to a plain duckdb client). Not on Ctrl-C/SIGTERM, which should exit at once.
+            self._refresh_views(stage, quiet=True)
+            raise
+        self._refresh_views(stage)
         if report.busy:
             raise PipelineError(
                 f"stage {stage.name}: {len(report.busy)} unit(s) are being run by other "
@@ -220,6 +225,16 @@ class Runner:
         if shard is None or self._complete(stage):
             self._check_failures(stage.name, ctx.fingerprint)
         return report
+
+    def _refresh_views(self, stage: Stage, quiet: bool = False) -> None:
+        if not stage.views:
+            return
+        try:
+            self.catalog.refresh_views(stage.views)
+        except Exception as exc:
+            if not quiet:
+                raise
+            log.warning("%s: views not refreshed (%s)", stage.name, exc)
 
     def _complete(self, stage: Stage) -> bool:
         units = self.catalog.units(stage.name, self.fingerprints[stage.name])

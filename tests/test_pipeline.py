@@ -274,3 +274,30 @@ def test_cli_without_faiss_names_the_extras(tmp_path):
         "error: faiss is not installed. Install fsr-pipe with one of its faiss extras: "
         "pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' on a CUDA 12 machine "
         "(faiss-gpu-cu12); not both, they install the same faiss module"]
+
+
+def test_stored_views_keep_the_units_done_before_a_failure(tiny_config, monkeypatch):
+    """A plain duckdb client reads the stored views: after a unit fails, they still list the
+    files of the units that finished before it."""
+    from stages.extract import ExtractStage
+
+    config = load_config(tiny_config)
+    commands.run(config, ["prepare"], progress=False)
+    original, calls = ExtractStage.run, []
+
+    def fail_second(self, ctx, unit):
+        calls.append(unit.key)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return original(self, ctx, unit)
+
+    monkeypatch.setattr(ExtractStage, "run", fail_second)
+    with pytest.raises(RuntimeError, match="disk full"):
+        commands.run(config, ["extract"], progress=False)
+    catalog = Catalog.in_dir(config.work_dir)
+    done = catalog.rows("SELECT unit_key, rows FROM units WHERE stage = 'extract' AND "
+                        "status = 'done'")
+    assert [k for k, _ in done] == calls[:1]
+    stored = catalog.rows("SELECT count(*) FROM gram_features")[0][0] + catalog.rows(
+        "SELECT count(*) FROM gallery_gram")[0][0]
+    assert stored == done[0][1] > 0
