@@ -305,9 +305,9 @@ def source_stamp(config: Config) -> list[tuple[str, int, int | str]]:
     else:  # folder: the photos it lists, by name (stray files and .DS_Store do not count)
         if not root.is_dir():
             return []
-        keys = "\n".join(f"{label}/{name}" for label, name in folder_photos(root)[0])
-        return [(str(root), keys.count("\n") + bool(keys),
-                 hashlib.sha256(keys.encode()).hexdigest()[:16])]
+        photos = folder_photos(root)[0]
+        keys = "\n".join(f"{label}/{name}" for label, name in photos)
+        return [(str(root), len(photos), hashlib.sha256(keys.encode()).hexdigest()[:16])]
     stamp = []
     for path in paths:
         if path.exists():

@@ -129,6 +129,11 @@ def _known_arch(arch: str) -> dict[str, Any] | None:
     )
 
 
+def _arch_config(arch: str) -> dict[str, Any]:
+    """`arch`'s model config (demo or open_clip), without building it; WeightsError if unknown."""
+    return _known_arch(arch) or open_clip.get_model_config(arch) or {}
+
+
 def _read_preprocess_cfg(path: Path) -> dict[str, Any] | None:
     """The preprocess cfg that save_clip stores beside the weights, if the file has one."""
     if path.suffix in (".safetensors", ".npz", ".npy"):
@@ -161,8 +166,7 @@ def _load_file(model: nn.Module, arch: str, path: Path) -> None:
 
 def vision_layers(arch: str) -> int:
     """Transformer blocks in `arch`'s vision tower, read from its config (nothing is built)."""
-    cfg = _known_arch(arch) or open_clip.get_model_config(arch) or {}
-    layers = cfg.get("vision_cfg", {}).get("layers")
+    layers = _arch_config(arch).get("vision_cfg", {}).get("layers")
     if not isinstance(layers, int):
         raise WeightsError(
             f"CLIP architecture {arch!r} (model.arch) has no vision transformer tower "
@@ -174,8 +178,7 @@ def vision_layers(arch: str) -> int:
 def embed_dim(arch: str) -> int | None:
     """Dimension of `arch`'s image/text embeddings, read from its config (nothing is built);
     None if the config has none. An unknown architecture raises WeightsError."""
-    cfg = _known_arch(arch) or open_clip.get_model_config(arch) or {}
-    dim = cfg.get("embed_dim")
+    dim = _arch_config(arch).get("embed_dim")
     return dim if isinstance(dim, int) else None
 
 
