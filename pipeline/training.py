@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.arrays import stable_uniform
 from pipeline.artifacts import atomic_path, write_bytes
@@ -33,6 +33,11 @@ class Query:
     text: str | None  # text queries
 
 
+# A bad input met while training: [item kind ("gallery" | "query"), id, path, reason]. Lists,
+# not tuples, so a checkpoint's JSON sidecar holds them as they are.
+BadItem = list
+
+
 @dataclass
 class History:
     """What a checkpoint remembers besides weights: per-epoch metrics and early stopping."""
@@ -41,6 +46,9 @@ class History:
     best_epoch: int = 0
     best_score: float = -1.0
     bad_epochs: int = 0
+    # Inputs that failed to decode here though extract read them (changed since): BadItem
+    # lists, one per (kind, id), kept across a resume so the unit records every one of them.
+    bad_inputs: list[BadItem] = field(default_factory=list)
 
     def update(self, epoch: int, metrics: dict[str, Any]) -> bool:
         """Record an epoch; True if it is the best so far (by mean validation Recall@1)."""
@@ -51,21 +59,30 @@ class History:
         self.bad_epochs += 1
         return False
 
+    def add_bad_inputs(self, items: Sequence[BadItem]) -> list[BadItem]:
+        """Remember `items` (see `bad_inputs`); returns the ones not seen before."""
+        seen = {(kind, item_id) for kind, item_id, *_ in self.bad_inputs}
+        new = []
+        for item in items:
+            if (item[0], item[1]) not in seen:
+                seen.add((item[0], item[1]))
+                new.append(list(item))
+        self.bad_inputs += new
+        return new
+
 
 def decode(path: str, image_size: int, max_pixels: int) -> torch.Tensor:
-    """An image as a (3, size, size) tensor; a bad input (already recorded by `extract`)
-    becomes a blank image so batch shapes hold."""
-    try:
-        return to_tensor(load_rgb(path, max_pixels), image_size)
-    except BadInput:
-        return torch.zeros(3, image_size, image_size)
+    """An image as a (3, size, size) tensor, or BadInput (missing, corrupt, too large...)."""
+    return to_tensor(load_rgb(path, max_pixels), image_size)
 
 
 class TripletData(Dataset):
     """(query, its photo, another photo) triplets; images decoded in DataLoader workers.
 
     Negatives are drawn per epoch from a generator seeded by (seed, epoch), so a resumed run
-    sees exactly the batches an uninterrupted one would.
+    sees exactly the batches an uninterrupted one would. A triplet with an image that does not
+    decode (it changed after extract read it) comes back with `ok` False, blank pixels in its
+    place and the image in `bad`: the loss leaves it out and the stage records it.
     """
 
     def __init__(self, queries: Sequence[Query], photos: dict[int, str], grams: dict[int, Any],
@@ -89,15 +106,20 @@ class TripletData(Dataset):
     def __len__(self) -> int:
         return len(self.queries)
 
-    def _image(self, path: str) -> torch.Tensor:
-        return decode(path, self.image_size, self.max_pixels)
+    def _image(self, kind: str, item_id: int, path: str, bad: list[BadItem]) -> torch.Tensor:
+        try:
+            return decode(path, self.image_size, self.max_pixels)
+        except BadInput as exc:
+            bad.append([kind, item_id, path, exc.reason])
+            return torch.zeros(3, self.image_size, self.image_size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         query = self.queries[self.order[index]]
         negative = self.negatives[self.order[index]]
         is_text = query.path is None
+        bad: list[BadItem] = []
         pixels = torch.zeros(3, self.image_size, self.image_size) if is_text else self._image(
-            query.path)
+            "query", query.query_id, query.path, bad)
         dim = len(next(iter(self.grams.values())))
         gram = np.zeros(dim, np.float32) if is_text else self.grams[query.query_id]
         return {
@@ -105,17 +127,26 @@ class TripletData(Dataset):
             "text": query.text or "",
             "query_pixels": pixels,
             "query_gram": torch.as_tensor(gram),
-            "pos_pixels": self._image(self.photos[query.image_id]),
+            "pos_pixels": self._image("gallery", query.image_id, self.photos[query.image_id], bad),
             "pos_gram": torch.as_tensor(self.grams[query.image_id]),
-            "neg_pixels": self._image(self.photos[negative]),
+            "neg_pixels": self._image("gallery", negative, self.photos[negative], bad),
             "neg_gram": torch.as_tensor(self.grams[negative]),
+            "ok": not bad,
+            "bad": bad,
         }
+
+
+def collate_triplets(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """torch's default collation, except `bad`: one flat list of the batch's BadItems."""
+    bad = [item for sample in samples for item in sample["bad"]]
+    batch = default_collate([{k: v for k, v in s.items() if k != "bad"} for s in samples])
+    return {**batch, "bad": bad}
 
 
 def triplet_batches(data: TripletData, batch_size: int, num_workers: int,
                     pin_memory: bool) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False)
+                      pin_memory=pin_memory, drop_last=False, collate_fn=collate_triplets)
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
@@ -151,8 +182,16 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, Any], tokenize: Callable,
-               loss_fn: Callable, margin: float, device: torch.device) -> torch.Tensor:
-    """Mean symmetric triplet loss of a batch with text and image queries mixed."""
+               loss_fn: Callable, margin: float, device: torch.device) -> torch.Tensor | None:
+    """Mean symmetric triplet loss of a batch with text and image queries mixed, over the
+    triplets whose images all decoded (`ok`); None when none did."""
+    ok = batch["ok"]
+    if not ok.all():
+        if not ok.any():
+            return None
+        rows = ok.nonzero().flatten().tolist()
+        batch = {k: v[ok] if isinstance(v, torch.Tensor) else [v[i] for i in rows]
+                 for k, v in batch.items() if k != "bad"}
     move = {k: v.to(device, non_blocking=True) for k, v in batch.items()
             if isinstance(v, torch.Tensor)}
     is_text = move["is_text"]
@@ -172,19 +211,22 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, Any], tokenize: Callable
 def train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, tokenize: Callable, loss_fn: Callable,
                 margin: float, device: torch.device, amp: str,
-                advance: Callable[[int], None]) -> float:
-    """One pass over the loader; returns the mean loss (weighted by batch size)."""
+                advance: Callable[[int], None], bad: list[BadItem]) -> float:
+    """One pass over the loader; returns the mean loss (weighted by the triplets it was over).
+    Images that did not decode are appended to `bad` (their triplets are left out)."""
     model.train()
     total, count = 0.0, 0
     for batch in loader:
+        bad += batch["bad"]
         with autocast(device, amp):
             loss = batch_loss(model, batch, tokenize, loss_fn, margin, device)
-        optimizer_step(loss, optimizer, scaler)
-        n = len(batch["text"])
-        total += float(loss.detach()) * n
-        count += n
-        advance(n)
-    return total / max(count, 1)
+        if loss is not None:
+            optimizer_step(loss, optimizer, scaler)
+            n = int(batch["ok"].sum())
+            total += float(loss.detach()) * n
+            count += n
+        advance(len(batch["text"]))
+    return total / count if count else float("nan")
 
 
 def recall_at_1(query_emb: np.ndarray, query_targets: np.ndarray, gallery_emb: np.ndarray,
@@ -207,28 +249,42 @@ def validation_gallery(held_out: dict[int, str], others: dict[int, str], distrac
 @torch.no_grad()
 def validate(model: torch.nn.Module, queries: Sequence[Query], photos: dict[int, str],
              grams: dict[int, Any], tokenize: Callable, image_size: int, max_pixels: int,
-             device: torch.device, amp: str, batch_size: int) -> dict[str, float]:
+             device: torch.device, amp: str, batch_size: int,
+             bad: list[BadItem] | None = None) -> dict[str, float]:
     """Recall@1 per query style against `photos` (the held-out photos, which the queries
-    target, and any distractors: `validation_gallery`), and their mean."""
+    target, and any distractors: `validation_gallery`), and their mean. Images that do not
+    decode are left out (with the queries of a photo that does not) and appended to `bad`."""
     model.eval()
-    photo_ids = np.array(sorted(photos), dtype=np.int64)
+    bad = [] if bad is None else bad
 
-    def encode_images(keys: Sequence[int], paths: Sequence[str]) -> np.ndarray:
-        out = []
+    def encode_images(kind: str, keys: Sequence[int],
+                      paths: Sequence[str]) -> tuple[list[int], np.ndarray]:
+        done, out = [], []
         for start in range(0, len(keys), batch_size):
-            chunk = range(start, min(start + batch_size, len(keys)))
-            pixels = torch.stack([decode(paths[i], image_size, max_pixels)
-                                  for i in chunk]).to(device)
-            gram = torch.stack([torch.as_tensor(grams[keys[i]]) for i in chunk]).to(device)
+            pixels, chunk = [], []
+            for key, path in zip(keys[start:start + batch_size], paths[start:start + batch_size]):
+                try:
+                    pixels.append(decode(path, image_size, max_pixels))
+                    chunk.append(key)
+                except BadInput as exc:
+                    bad.append([kind, key, path, exc.reason])
+            if not chunk:
+                continue
+            gram = torch.stack([torch.as_tensor(grams[key]) for key in chunk]).to(device)
             with autocast(device, amp):
-                out.append(model.encode_image(pixels, gram).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+                out.append(model.encode_image(torch.stack(pixels).to(device),
+                                              gram).float().cpu().numpy())
+            done += chunk
+        return done, (np.concatenate(out) if out else np.zeros((0, 1), np.float32))
 
-    gallery = encode_images(photo_ids.tolist(), [photos[i] for i in photo_ids])
+    ids, gallery = encode_images("gallery", sorted(photos), [photos[i] for i in sorted(photos)])
+    photo_ids = np.array(ids, dtype=np.int64)
+    decoded = set(ids)
     result = {}
     for style in sorted({q.style for q in queries}):
-        subset = [q for q in queries if q.style == style]
-        targets = np.array([q.image_id for q in subset], dtype=np.int64)
+        subset = [q for q in queries if q.style == style and q.image_id in decoded]
+        if not subset:
+            continue
         if style == "text" or subset[0].path is None:
             embs = []
             for start in range(0, len(subset), batch_size):
@@ -237,9 +293,13 @@ def validate(model: torch.nn.Module, queries: Sequence[Query], photos: dict[int,
                     embs.append(model.encode_text(tokens.to(device)).float().cpu().numpy())
             emb = np.concatenate(embs)
         else:
-            emb = encode_images([q.query_id for q in subset], [q.path for q in subset])
+            done, emb = encode_images("query", [q.query_id for q in subset],
+                                      [q.path for q in subset])
+            kept = set(done)
+            subset = [q for q in subset if q.query_id in kept]
+        targets = np.array([q.image_id for q in subset], dtype=np.int64)
         result[f"val_recall@1/{style}"] = recall_at_1(emb, targets, gallery, photo_ids)
-    result["val_recall@1"] = float(np.nanmean(list(result.values())))
+    result["val_recall@1"] = float(np.nanmean(list(result.values()))) if result else float("nan")
     return result
 
 

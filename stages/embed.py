@@ -4,8 +4,8 @@
 
 Each shard's photos are decoded in DataLoader workers and go through the same prompted visual
 encoder as the queries (VGG Gram path inside the model, then the prompted ViT), L2-normalised,
-and are written as (image_id, embedding). Photos `extract` recorded as bad inputs are skipped,
-not decoded and recorded again. With `embed.baseline` the same CLIP without prompts
+and are written as (image_id, embedding). Photos `extract` (or `train`) recorded as bad inputs
+are skipped, not decoded and recorded again. With `embed.baseline` the same CLIP without prompts
 embeds them too, for the side-by-side baseline; with `embed.untrained` the model with the
 untrained prompts (the train stage's fresh init) does, for trained vs untrained. On CUDA:
 autocast, pinned memory, non-blocking copies; memory stays at one batch plus one shard's
@@ -117,7 +117,9 @@ class EmbedStage(Stage):
         device = resolve_device(ctx.config.run.device)
         gallery = pq.read_table(ctx.input_path("prepare", "gallery", unit.key),
                                 columns=["image_id", "path"])
-        known_bad = ctx.input_failures("extract", "gallery")  # recorded there already
+        # recorded there already (train: photos that broke after extract read them)
+        known_bad = ctx.input_failures("extract", "gallery") | ctx.input_failures("train",
+                                                                                 "gallery")
         items = [ImageItem("gallery", i, p) for i, p in zip(gallery["image_id"].to_pylist(),
                                                            gallery["path"].to_pylist())
                  if i not in known_bad]

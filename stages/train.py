@@ -8,6 +8,8 @@ training photos (`train.val_fraction`) is held out for the per-epoch validation 
 measured before training too (epoch 0 = the untrained prompts). Checkpoints after every epoch
 (weights + JSON sidecar); a killed run resumes from the last one. Early stopping after
 `train.patience` epochs without a better validation Recall@1; the best epoch is the result.
+An image that no longer decodes (it changed after extract read it) is left out and recorded as
+the unit's failure, once, even across a resume (docs/datasets.md "Bad inputs").
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import torch
 
 from pipeline.arrays import arrow_to_vectors, stable_uniform
 from pipeline.artifacts import atomic_path, describe, write_parquet
-from pipeline.catalog import MetricRecord, UnitRow, ViewSpec
+from pipeline.catalog import FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.config import Config, fingerprint_fields, to_dict
 from pipeline.device import resolve_device
 from pipeline.models.factory import build_model, check_model_config
 from pipeline.models.freestyle import triplet_loss
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
 from pipeline.training import (
+    BadItem,
     History,
     Query,
     TripletData,
@@ -131,15 +134,17 @@ class TrainStage(Stage):
         out.mkdir(parents=True, exist_ok=True)
         saved_config = to_dict(ctx.config)
 
+        found: list[BadItem] = []  # bad inputs met since the last checkpoint (_end_epoch)
+
         def evaluate() -> dict[str, float]:
             return validate(model, val_queries, val_gallery, grams, tokenizer, image_size,
-                            max_pixels, device, cfg.amp, cfg.batch_size)
+                            max_pixels, device, cfg.amp, cfg.batch_size, bad=found)
 
         start = latest_checkpoint(out)
         if start is None:  # epoch 0: the untrained prompts, the reference to beat
             history = History()
             self._end_epoch(ctx, unit, out, 0, {"loss": None, **evaluate()}, model,
-                            optimizer, scaler, history, saved_config)
+                            optimizer, scaler, history, saved_config, found)
             start = 0
         else:
             history = load_checkpoint(out, start, model, optimizer, scaler)
@@ -156,9 +161,9 @@ class TrainStage(Stage):
                                      pin_memory=device.type == "cuda")
             with ctx.progress(f"train epoch {epoch}", len(data)) as advance:
                 loss = train_epoch(model, loader, optimizer, scaler, tokenizer, triplet_loss,
-                                   cfg.margin, device, cfg.amp, advance)
+                                   cfg.margin, device, cfg.amp, advance, bad=found)
             self._end_epoch(ctx, unit, out, epoch, {"loss": loss, **evaluate()}, model,
-                            optimizer, scaler, history, saved_config)
+                            optimizer, scaler, history, saved_config, found)
         if history.best_epoch == 0 and len(history.epochs) > 1:
             ctx.log.warning(
                 "train: no epoch beat the untrained prompts' validation R@1 (%.3f), so model.pt "
@@ -166,11 +171,16 @@ class TrainStage(Stage):
                 "train.lr, more train.epochs, or pretrained weights (model.pretrained)",
                 history.epochs[0]["val_recall@1"])
         sizes = {"validation_photos": len(val_photos), "validation_gallery": len(val_gallery)}
-        return self._result(out, model, history, trainable, frozen, sizes)
+        used = {"gallery": len(photos), "query": len(queries)}
+        return self._result(out, model, history, trainable, frozen, sizes, used)
 
     def _end_epoch(self, ctx: StageContext, unit: UnitRow, out, epoch: int,
                    metrics: dict[str, float | None], model, optimizer, scaler, history: History,
-                   saved_config: dict) -> None:
+                   saved_config: dict, found: list[BadItem]) -> None:
+        for kind, item_id, path, reason in history.add_bad_inputs(found):
+            ctx.log.warning("train: %s %d (%s) is a bad input now (%s), though extract read "
+                            "it; left out of training and recorded", kind, item_id, path, reason)
+        found.clear()
         best = history.update(epoch, metrics)
         save_checkpoint(out, epoch, model, optimizer, scaler, history, saved_config)
         prune_checkpoints(out, keep={epoch, history.best_epoch})
@@ -181,7 +191,7 @@ class TrainStage(Stage):
                      metrics["val_recall@1"], " (best)" if best else "")
 
     def _result(self, out, model, history: History, trainable: int, frozen: int,
-                sizes: dict[str, int]) -> UnitResult:
+                sizes: dict[str, int], used: dict[str, int]) -> UnitResult:
         best_weights, best_sidecar = checkpoint_paths(out, history.best_epoch)
         model_path = out / "model.pt"
         with atomic_path(model_path) as tmp:
@@ -210,6 +220,9 @@ class TrainStage(Stage):
                        describe("history", write_parquet(table, out / "history.parquet"),
                                 len(table))],
             metrics=metrics,
+            failures=[FailureRecord(*item) for item in history.bad_inputs],
+            good={kind: n - sum(item[0] == kind for item in history.bad_inputs)
+                  for kind, n in used.items()},
         )
 
 

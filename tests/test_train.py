@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import REPO_ROOT, shared_data_dir, write_tiny_config
+from PIL import Image
 
 from pipeline import commands
 from pipeline.arrays import arrow_to_vectors, stable_uniform
@@ -142,19 +143,46 @@ class GramAsEmbedding(torch.nn.Module):
         return gram
 
 
-def test_validation_ranks_queries_against_the_distractors_too():
+def image_file(path: Path) -> str:
+    """A small valid PNG at `path` (its pixels do not matter to GramAsEmbedding)."""
+    Image.new("RGB", (8, 8), (120, 60, 30)).save(path)
+    return str(path)
+
+
+def test_validation_ranks_queries_against_the_distractors_too(tmp_path):
     # Query 100 targets photo 1; distractor 9 looks more like the query than photo 1 does.
     grams = {1: np.array([0.8, 0.6]), 2: np.array([0.0, 1.0]), 9: np.array([1.0, 0.0]),
              100: np.array([1.0, 0.0])}
-    queries = [Query(100, 1, "art", "missing.png", None)]
+    queries = [Query(100, 1, "art", image_file(tmp_path / "q100.png"), None)]
 
     def recall(photos: dict[int, str]) -> float:
         return validate(GramAsEmbedding(), queries, photos, grams, tokenize=None, image_size=8,
                         max_pixels=10**6, device=torch.device("cpu"), amp="off",
                         batch_size=4)["val_recall@1"]
 
-    assert recall({1: "p1.png", 2: "p2.png"}) == 1.0
-    assert recall({1: "p1.png", 2: "p2.png", 9: "p9.png"}) == 0.0
+    p1, p2, p9 = (image_file(tmp_path / f"p{i}.png") for i in (1, 2, 9))
+    assert recall({1: p1, 2: p2}) == 1.0
+    assert recall({1: p1, 2: p2, 9: p9}) == 0.0
+
+
+def test_validation_leaves_out_images_that_do_not_decode(tmp_path):
+    grams = {1: np.array([1.0, 0.0]), 2: np.array([0.0, 1.0]), 3: np.array([0.6, 0.8]),
+             100: np.array([1.0, 0.0]), 101: np.array([0.0, 1.0]), 102: np.array([0.6, 0.8])}
+    photos = {i: image_file(tmp_path / f"p{i}.png") for i in (1, 2)}
+    photos[3] = str(tmp_path / "gone.png")  # broken photo: it and its query are left out
+    broken_query = tmp_path / "q101.png"
+    broken_query.write_bytes(b"not an image")
+    queries = [Query(100, 1, "art", image_file(tmp_path / "q100.png"), None),
+               Query(101, 2, "art", str(broken_query), None),
+               Query(102, 3, "art", image_file(tmp_path / "q102.png"), None)]
+    bad: list[list] = []
+    result = validate(GramAsEmbedding(), queries, photos, grams, tokenize=None, image_size=8,
+                      max_pixels=10**6, device=torch.device("cpu"), amp="off", batch_size=2,
+                      bad=bad)
+    assert result == {"val_recall@1/art": 1.0, "val_recall@1": 1.0}  # query 100 alone
+    assert [(kind, item_id, path) for kind, item_id, path, _ in bad] == [
+        ("gallery", 3, photos[3]), ("query", 101, str(broken_query))]
+    assert bad[0][3].startswith("missing") and bad[1][3].startswith("corrupt"), bad
 
 
 def test_mixed_precision_dtype_per_device_and_setting():
@@ -220,6 +248,22 @@ def test_checkpoint_keeps_the_loss_scale(tmp_path):
 
     assert resumed(1) == 2.0**9
     assert resumed(2) == 2.0**16  # resumed under fp16: starts from the default scale
+
+
+def test_checkpoint_keeps_the_bad_inputs_met_so_far(tmp_path):
+    history = History()
+    assert history.add_bad_inputs([["gallery", 3, "p3.png", "corrupt"],
+                                   ["gallery", 3, "p3.png", "corrupt"]]) == [
+        ["gallery", 3, "p3.png", "corrupt"]]  # once per item
+    assert history.add_bad_inputs([["gallery", 3, "p3.png", "corrupt"],
+                                   ["query", 3, "q3.png", "missing"]]) == [
+        ["query", 3, "q3.png", "missing"]]  # a query and a photo may share an id
+    layer = _Trainable(4, 1)
+    save_checkpoint(tmp_path, 1, layer, torch.optim.SGD(layer.parameters(), lr=0.1),
+                    torch.amp.GradScaler("cpu", enabled=False), history, {})
+    resumed = load_checkpoint(tmp_path, 1, _Trainable(4, 1))
+    assert resumed.bad_inputs == [["gallery", 3, "p3.png", "corrupt"],
+                                  ["query", 3, "q3.png", "missing"]]
 
 
 @pytest.fixture(scope="module")
@@ -465,6 +509,48 @@ def test_corrupt_gallery_photo_is_recorded_at_embed(shared):
     embedded = {r[0] for r in catalog.rows("SELECT image_id FROM gallery_embeddings")}
     all_ids = {r[0] for r in catalog.rows("SELECT image_id FROM gallery")}
     assert embedded == all_ids - {image_id}
+
+
+def test_images_broken_after_extract_are_recorded_by_train(shared, caplog):
+    # A training photo and a sketch that break after extract read them: train records each
+    # once (not once per epoch), trains on the other triplets, and embed does not record the
+    # photo again.
+    overrides = [*BASE, "train.epochs=2", "train.margin=0.9", "embed.baseline=false",
+                 "train.num_workers=1",  # failures come back from a DataLoader worker
+                 "data.max_failure_ratio=1.0"]  # 1 of 16 photos is over the default 5%
+    config = load_config(shared, overrides)
+    assert ran(commands.run(config, ["cluster"], progress=False)) == nothing_ran(*STAGES[:4])
+    catalog = Catalog.in_dir(config.work_dir)
+    photos = catalog.rows("SELECT image_id, path FROM gallery WHERE split = 'train' "
+                          "ORDER BY image_id")
+    photo_id, photo_path = photos[0]
+    sketch_id, sketch_path = catalog.rows(
+        "SELECT query_id, path FROM queries WHERE style = 'sketch' AND image_id = ?",
+        [photos[1][0]])[0]
+    originals = {Path(p): Path(p).read_bytes() for p in (photo_path, sketch_path)}
+    try:
+        for path, data in originals.items():
+            path.write_bytes((b"not an image " * len(data))[:len(data)])
+        with caplog.at_level(logging.WARNING, logger="stages.train"):
+            reports = commands.run(config, ["embed"], progress=False)
+    finally:
+        for path, data in originals.items():
+            path.write_bytes(data)  # the other tests use these files too
+    assert ran(reports) == nothing_ran(*STAGES[:4], train=1, embed=4)
+    failures = catalog.rows(
+        "SELECT stage, item_kind, item_id, path, reason FROM item_failures "
+        "JOIN stages USING (stage, fingerprint) ORDER BY stage, item_kind")
+    assert [f[:4] for f in failures] == [("train", "gallery", photo_id, photo_path),
+                                         ("train", "query", sketch_id, sketch_path)]
+    assert all(f[4].startswith("corrupt") for f in failures), failures
+    warned = [r.getMessage() for r in caplog.records if "is a bad input now" in r.getMessage()]
+    assert len(warned) == 2, warned
+    rows = history(config)
+    assert [e for e, _, _ in rows] == [0, 1, 2]
+    assert all(math.isfinite(loss) for _, loss, _ in rows[1:])
+    embedded = {r[0] for r in catalog.rows("SELECT image_id FROM gallery_embeddings")}
+    all_ids = {r[0] for r in catalog.rows("SELECT image_id FROM gallery")}
+    assert embedded == all_ids - {photo_id}
 
 
 # -- real data: does training help? -------------------------------------------------------
