@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from pipeline.arrays import stable_uniform
 from pipeline.artifacts import atomic_path, write_bytes
 from pipeline.data.images import BadInput, load_rgb, to_tensor
+from pipeline.data.loader import ImageItem, iter_batches
 
 
 @dataclass(frozen=True)
@@ -259,20 +260,17 @@ def validate(model: torch.nn.Module, queries: Sequence[Query], photos: dict[int,
 
     def encode_images(kind: str, keys: Sequence[int],
                       paths: Sequence[str]) -> tuple[list[int], np.ndarray]:
+        items = [ImageItem(kind, key, path) for key, path in zip(keys, paths)]
         done, out = [], []
-        for start in range(0, len(keys), batch_size):
-            pixels, chunk = [], []
-            for key, path in zip(keys[start:start + batch_size], paths[start:start + batch_size]):
-                try:
-                    pixels.append(decode(path, image_size, max_pixels))
-                    chunk.append(key)
-                except BadInput as exc:
-                    bad.append([kind, key, path, exc.reason])
-            if not chunk:
+        for batch in iter_batches(items, image_size, max_pixels, batch_size, num_workers=0):
+            bad.extend([item.item_kind, item.item_id, item.path, reason]
+                       for item, reason in batch.failures)
+            if batch.pixels is None:
                 continue
+            chunk = [item.item_id for item in batch.items]
             gram = torch.stack([torch.as_tensor(grams[key]) for key in chunk]).to(device)
             with autocast(device, amp):
-                out.append(model.encode_image(torch.stack(pixels).to(device),
+                out.append(model.encode_image(batch.pixels.to(device),
                                               gram).float().cpu().numpy())
             done += chunk
         return done, (np.concatenate(out) if out else np.zeros((0, 1), np.float32))

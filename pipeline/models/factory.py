@@ -22,8 +22,8 @@ def pretrained_source(config: Config) -> str:
 def check_model_config(config: Config) -> None:
     """Everything about `[model]` that can be checked without building it: the architecture
     is known and has a ViT, the weights (CLIP's and the Gram path's VGG) exist, the shallow
-    layers fit. Runs before any stage
-    does work, so a typo does not surface after an hour of feature extraction."""
+    layers fit. Runs before any stage does work, so a typo does not surface after an hour of
+    feature extraction."""
     check_vgg_weights(config)  # the model runs the Gram path too
     layers = vision_layers(config.model.arch)
     if config.model.shallow_layers > layers:
