@@ -131,6 +131,11 @@ def run_cmd(
     if recall is not None and len(recall):
         typer.echo(_render(_recall_view(recall)))
         typer.echo(f"Again, or as data: fsr-pipe sql \"{commands.RECALL_SQL}\"{same}")
+        paired = commands.paired_table(cfg)
+        if paired:
+            typer.echo(_render(_paired_view(paired)))
+            typer.echo(f"Wins and losses at every K: fsr-pipe sql \"{commands.PAIRED_SQL}\""
+                       f"{same}")
     if target in ("all", "cluster", "score"):
         console.print(f"\nResults in [bold]{cfg.work_dir}[/] (catalog: "
                       f"{cfg.work_dir / 'catalog.duckdb'}). Try:\n"
@@ -166,6 +171,28 @@ def _recall_view(result) -> Table:
     for (protocol, style, fusion), by_k in groups.items():
         cells = [_cell(by_k.get(k, {}).get(column)) for k in ks for column, _, _ in methods]
         n = next(iter(by_k.values()))["queries"]
+        table.add_row(protocol, style, fusion, str(n), *cells)
+    return table
+
+
+def _paired_view(rows: list[dict]) -> Table:
+    """One row per (protocol, query set) at the smallest K: FreestyleRet's wins and losses
+    against each other method, query by query, and the sign test's p."""
+    k = min(r["k"] for r in rows)
+    rows = [r for r in rows if r["k"] == k]
+    methods = [m for m in RECALL_COLUMNS[1:] if any(r["versus"] == m[0] for r in rows)]
+    table = Table("protocol", "queries", "fusion", "n",
+                  *[f"FSR vs {short}" for _, short, _ in methods],
+                  title=f"Query by query at R@{k}: +queries only FSR finds, -queries only the "
+                        "other finds; p: exact sign test (small p: a real difference)")
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["style"] == commands.SINGLE_STYLES,)):
+        groups.setdefault((r["protocol"], r["style"], r["fusion"]), {})[r["versus"]] = r
+    for (protocol, style, fusion), by_method in sorted(
+            groups.items(), key=lambda g: g[0][0], reverse=True):
+        cells = [f"+{r['wins']} -{r['losses']} p={r['p']:.2g}" if r else ""
+                 for r in (by_method.get(column) for column, _, _ in methods)]
+        n = max(r["queries"] for r in by_method.values())
         table.add_row(protocol, style, fusion, str(n), *cells)
     return table
 

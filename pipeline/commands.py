@@ -11,6 +11,7 @@ import pyarrow as pa
 from pipeline.catalog import Catalog
 from pipeline.config import Config
 from pipeline.progress import ProgressBoard
+from pipeline.retrieval import sign_test_p
 from pipeline.runner import (
     Runner,
     StageReport,
@@ -160,3 +161,46 @@ def recall_table(config: Config) -> pa.Table | None:
                and not st.failed and not st.running for st in status(config)):
         return None
     return sql(config, RECALL_SQL)
+
+
+# Per query set, FreestyleRet against each other scored method on the same queries: how many
+# queries only FreestyleRet finds in its top K (wins) and how many only the other finds
+# (losses). `fsr-pipe run all` adds the exact sign-test p-value of each line (paired_table).
+PAIRED_SQL = (
+    "SELECT f.protocol, f.style, f.fusion, o.method AS versus, ks.k, count(*) AS queries, "
+    "count(*) FILTER (WHERE f.rank <= ks.k AND NOT coalesce(o.rank <= ks.k, false)) AS wins, "
+    "count(*) FILTER (WHERE o.rank <= ks.k AND NOT coalesce(f.rank <= ks.k, false)) AS losses "
+    "FROM query_ranks f JOIN query_ranks o ON o.method <> 'freestyle' "
+    "AND o.protocol = f.protocol AND o.style = f.style AND o.fusion = f.fusion "
+    "AND o.query_id = f.query_id AND o.partner_id IS NOT DISTINCT FROM f.partner_id "
+    "CROSS JOIN (SELECT DISTINCT k FROM retrieval_metrics WHERE metric = 'recall') ks "
+    "WHERE f.method = 'freestyle' GROUP BY ALL "
+    "ORDER BY f.protocol DESC, f.style, f.fusion, versus, ks.k"
+)
+SINGLE_STYLES = "single styles"  # paired_table's pooled row over the unfused query sets
+
+
+def paired_table(config: Config) -> list[dict]:
+    """PAIRED_SQL's rows, plus per (protocol, versus, k) one row pooling the single-style
+    sets (style SINGLE_STYLES), each with `p`: the exact two-sided sign test of wins vs
+    losses. Empty when score has not finished or scored FreestyleRet alone."""
+    if recall_table(config) is None:
+        return []
+    return with_pooled_and_p(sql(config, PAIRED_SQL).to_pylist())
+
+
+def with_pooled_and_p(rows: list[dict]) -> list[dict]:
+    """PAIRED_SQL rows + the pooled single-style rows, each with its sign-test `p`."""
+    pooled: dict[tuple, dict] = {}
+    for r in rows:
+        if r["fusion"] == "none":
+            key = (r["protocol"], r["versus"], r["k"])
+            total = pooled.setdefault(key, {
+                "protocol": r["protocol"], "style": SINGLE_STYLES, "fusion": "none",
+                "versus": r["versus"], "k": r["k"], "queries": 0, "wins": 0, "losses": 0})
+            for name in ("queries", "wins", "losses"):
+                total[name] += r[name]
+    out = rows + list(pooled.values())
+    for r in out:
+        r["p"] = sign_test_p(r["wins"], r["losses"])
+    return out

@@ -9,6 +9,7 @@ fractions in [0, 1], not percentages.
     precision_at_k(I, query_labels, gallery_labels, k=200, gallery_ids=ids)
     fuse_max(sim_sketch, sim_text); fuse_mean(emb_sketch, emb_text)
     batch_recall(batch_protocol_ranks(q_emb, g_emb, batch_size=24))
+    sign_test_p(wins=9, losses=2)                              # paired: is method A better?
 """
 
 # ruff: noqa: E741 - D, I are FAISS's names for scores and ids (STYLE.md field vocabulary)
@@ -239,3 +240,25 @@ def batch_protocol_ranks(
         own = np.diagonal(sim)[:, None]
         ranks[start:stop] = (sim >= own).sum(axis=1)
     return ranks
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test) on paired hit/miss outcomes.
+
+    Two methods ranked the same queries; `wins` is how many queries only the first found in
+    its top K, `losses` how many only the second found (queries both or neither found carry
+    no information). The p-value of "neither is better": twice the Binomial(n, 1/2) tail at
+    min(wins, losses), n = wins + losses, capped at 1. Log-space sums, so a million
+    discordant queries take milliseconds.
+    """
+    if wins < 0 or losses < 0:
+        raise ValueError(f"wins and losses are counts; got {wins}, {losses}")
+    n, m = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    i = np.arange(m, dtype=np.float64)
+    # log C(n, j) for j = 0..m, from C(n, j + 1) = C(n, j) * (n - j) / (j + 1)
+    log_comb = np.concatenate([[0.0], np.cumsum(np.log(n - i) - np.log1p(i))])
+    top = log_comb.max()
+    log_tail = top + np.log(np.exp(log_comb - top).sum()) - n * np.log(2.0)
+    return float(min(1.0, 2.0 * np.exp(log_tail)))

@@ -20,6 +20,7 @@ from pipeline.retrieval import (
     precision_at_k,
     recall_at_k,
     relevance,
+    sign_test_p,
     target_ranks,
 )
 
@@ -194,3 +195,26 @@ def test_batch_protocol_matches_a_loop(n: int, batch_size: int) -> None:
     ranks = batch_protocol_ranks(q, g, batch_size)
     last = n - (n - 1) // batch_size * batch_size  # size of the last (maybe partial) batch
     assert ranks.min() >= 1 and ranks[-last:].max() <= last
+
+
+def test_sign_test_by_hand() -> None:
+    # 6 wins, 0 losses: 2 * (1/2)^6; 1 win, 7 losses: 2 * (1 + 8) / 2^8; a tie or nothing to
+    # compare: no evidence either way.
+    assert sign_test_p(6, 0) == pytest.approx(2 / 64)
+    assert sign_test_p(1, 7) == pytest.approx(2 * 9 / 256)
+    assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
+    with pytest.raises(ValueError, match="counts"):
+        sign_test_p(-1, 2)
+
+
+def test_sign_test_matches_exact_binomial_sums() -> None:
+    from math import comb
+
+    for wins in range(0, 40, 3):
+        for losses in range(0, 40, 5):
+            n, m = wins + losses, min(wins, losses)
+            exact = min(1.0, 2 * sum(comb(n, i) for i in range(m + 1)) / 2**n) if n else 1.0
+            assert sign_test_p(wins, losses) == pytest.approx(exact, rel=1e-9), (wins, losses)
+            assert sign_test_p(wins, losses) == sign_test_p(losses, wins)
+    # Large counts stay finite and ordered: the same 1% edge is stronger evidence at 100x n.
+    assert 0 < sign_test_p(505_000, 495_000) < sign_test_p(5_050, 4_950) < 1

@@ -199,6 +199,77 @@ def test_cli_prints_the_recall_table_and_its_sql(finished) -> None:
     table = commands.sql(config, commands.RECALL_SQL)
     assert len(table) == 2 * (len(STYLES) + 2 * len(FUSED)) * 3
     assert table["freestyle"].null_count == 0 and table["baseline"].null_count == 0
+    # Then the query-by-query comparison at R@1 and the SQL of its counts.
+    assert "Query by query at R@1" in out and "FSR vs base" in out
+    assert commands.SINGLE_STYLES in out
+    assert commands.PAIRED_SQL in out.replace("\n", "")
+
+
+def test_paired_counts_match_the_query_ranks(finished) -> None:
+    """Wins and losses against the baseline, counted here query by query from the stored
+    ranks; the pooled single-style row sums its sets; p is the sign test of its counts."""
+    from pipeline.retrieval import sign_test_p
+
+    config = load_config(finished)
+    ranks: dict[tuple, dict[str, int | None]] = {}
+    for method, protocol, style, fusion, query, partner, rank in rows(config, (
+            "SELECT method, protocol, style, fusion, query_id, partner_id, rank "
+            "FROM query_ranks")):
+        ranks.setdefault((protocol, style, fusion, query, partner), {})[method] = rank
+    expected: dict[tuple, list[int]] = {}
+    for (protocol, style, fusion, *_), by_method in ranks.items():
+        for k in (1, 5, 10):
+            hit = {m: r is not None and r <= k for m, r in by_method.items()}
+            for key in [(protocol, style, fusion, k)] + (
+                    [(protocol, commands.SINGLE_STYLES, "none", k)] if fusion == "none" else []):
+                counts = expected.setdefault(key, [0, 0, 0])
+                counts[0] += 1
+                counts[1] += hit["freestyle"] and not hit["baseline"]
+                counts[2] += hit["baseline"] and not hit["freestyle"]
+    got = commands.paired_table(config)
+    assert {r["versus"] for r in got} == {"baseline"}
+    assert {(r["protocol"], r["style"], r["fusion"], r["k"]): [r["queries"], r["wins"],
+            r["losses"]] for r in got} == expected
+    assert all(r["p"] == sign_test_p(r["wins"], r["losses"]) for r in got)
+
+
+def test_paired_sql_by_hand() -> None:
+    """PAIRED_SQL on hand-made ranks (None: not in the searched depth): a query only one
+    method finds is a win or a loss, found by both or neither is neither; fused queries pair
+    on their partner too; the pooled row sums the single-style sets only."""
+    import duckdb
+
+    ranks = [  # method, style, protocol, fusion, query_id, partner_id, rank
+        ("freestyle", "sketch", "gallery", "none", 1, None, 1),
+        ("baseline", "sketch", "gallery", "none", 1, None, 3),     # win at 1, tie at 5
+        ("freestyle", "sketch", "gallery", "none", 2, None, None),
+        ("baseline", "sketch", "gallery", "none", 2, None, 1),     # loss at 1 and 5
+        ("freestyle", "art", "gallery", "none", 3, None, 2),
+        ("baseline", "art", "gallery", "none", 3, None, None),     # win at 5
+        ("freestyle", "art", "gallery", "none", 4, None, None),
+        ("baseline", "art", "gallery", "none", 4, None, None),     # neither
+        ("freestyle", "art+text", "gallery", "mean", 3, 7, 1),
+        ("baseline", "art+text", "gallery", "mean", 3, 7, 9),      # win at 1 and 5
+        ("freestyle", "art+text", "gallery", "mean", 3, 8, 1),
+        ("baseline", "art+text", "gallery", "mean", 3, 8, 1),      # tie
+        ("baseline", "art", "gallery", "none", 5, None, 1),        # unpaired: left out
+    ]
+    con = duckdb.connect()
+    con.execute("CREATE TABLE query_ranks (method VARCHAR, style VARCHAR, protocol VARCHAR, "
+                "fusion VARCHAR, query_id BIGINT, partner_id BIGINT, rank INTEGER)")
+    con.executemany("INSERT INTO query_ranks VALUES (?, ?, ?, ?, ?, ?, ?)", ranks)
+    con.execute("CREATE TABLE retrieval_metrics AS "
+                "SELECT 'recall' AS metric, unnest([1, 5]) AS k")
+    cursor = con.execute(commands.PAIRED_SQL)
+    names = [d[0] for d in cursor.description]
+    got = commands.with_pooled_and_p([dict(zip(names, r)) for r in cursor.fetchall()])
+    assert {(r["style"], r["k"]): (r["queries"], r["wins"], r["losses"]) for r in got} == {
+        ("art", 1): (2, 0, 0), ("art", 5): (2, 1, 0),
+        ("sketch", 1): (2, 1, 1), ("sketch", 5): (2, 0, 1),
+        ("art+text", 1): (2, 1, 0), ("art+text", 5): (2, 1, 0),
+        (commands.SINGLE_STYLES, 1): (4, 1, 1), (commands.SINGLE_STYLES, 5): (4, 1, 1)}
+    assert all(r["versus"] == "baseline" and r["protocol"] == "gallery" for r in got)
+    assert {r["p"] for r in got if r["k"] == 1 and r["style"] == "sketch"} == {1.0}
 
 
 def test_score_without_baseline(finished) -> None:
@@ -295,3 +366,18 @@ def test_bad_images_are_recorded_once(tmp_path) -> None:
     assert photo_id not in embedded and len(embedded) == ITEMS - 1
     assert len(scored) == rows(config, "SELECT count(*) FROM queries WHERE split = 'test'"
                                        )[0][0] - 2
+
+
+def test_the_example_queries_in_docs_catalog_run(finished) -> None:
+    """Every query of docs/catalog.md's "Example queries" runs on a finished run and returns
+    rows (the docs name views and columns that exist); this run has no bad inputs."""
+    text = (REPO_ROOT / "docs" / "catalog.md").read_text()
+    block = text.split("## Example queries", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    statements = [s for s in ("\n".join(line for line in block.splitlines()
+                                          if not line.lstrip().startswith("--"))).split(";")
+                  if s.strip()]
+    assert len(statements) >= 15
+    config = load_config(finished)
+    for statement in statements:
+        empty_here = "failures_by_reason" in statement or "item_failures" in statement
+        assert (len(commands.sql(config, statement)) > 0) != empty_here, statement
