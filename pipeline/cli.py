@@ -186,10 +186,11 @@ def _paired_view(rows: list[dict]) -> Table:
                   title=f"Query by query at R@{k}: +queries only FSR finds, -queries only the "
                         "other finds; p: exact sign test (small p: a real difference)")
     groups: dict[tuple, dict[str, dict]] = {}
-    for r in sorted(rows, key=lambda r: (r["style"] == commands.SINGLE_STYLES,)):
+    for r in rows:
         groups.setdefault((r["protocol"], r["style"], r["fusion"]), {})[r["versus"]] = r
-    for (protocol, style, fusion), by_method in sorted(
-            groups.items(), key=lambda g: g[0][0], reverse=True):
+    # As the recall table (gallery first, query sets by name), each protocol's pooled line last.
+    for (protocol, style, fusion), by_method in sorted(groups.items(), key=lambda g: (
+            g[0][0] != "gallery", g[0][0], g[0][1] == commands.SINGLE_STYLES, g[0][1:])):
         cells = [f"+{r['wins']} -{r['losses']} p={r['p']:.2g}" if r else ""
                  for r in (by_method.get(column) for column, _, _ in methods)]
         n = max(r["queries"] for r in by_method.values())
