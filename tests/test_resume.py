@@ -23,9 +23,13 @@ def cli(config: Path, *args: str) -> list[str]:
 
 
 def start(config: Path, *args: str) -> subprocess.Popen:
+    """The CLI in a child process, with SIGINT at its default: a shell's background job (`cmd
+    &` in a script, so possibly pytest itself) inherits SIGINT *ignored*, and Python keeps it
+    ignored, so the Ctrl-C test would see the run finish instead of stop."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(cli(config, *args), cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
