@@ -183,9 +183,8 @@ SINGLE_STYLES = "single styles"  # paired_table's pooled row over the unfused qu
 def paired_table(config: Config) -> list[dict]:
     """PAIRED_SQL's rows, plus per (protocol, versus, k) one row pooling the single-style
     sets (style SINGLE_STYLES), each with `p`: the exact two-sided sign test of wins vs
-    losses. Empty when score has not finished or scored FreestyleRet alone."""
-    if recall_table(config) is None:
-        return []
+    losses. Read it once score has finished (`recall_table` is not None); empty when score
+    scored FreestyleRet alone."""
     return with_pooled_and_p(sql(config, PAIRED_SQL).to_pylist())
 
 

@@ -275,7 +275,8 @@ def validate(model: torch.nn.Module, queries: Sequence[Query], photos: dict[int,
             done += chunk
         return done, (np.concatenate(out) if out else np.zeros((0, 1), np.float32))
 
-    ids, gallery = encode_images("gallery", sorted(photos), [photos[i] for i in sorted(photos)])
+    keys = sorted(photos)
+    ids, gallery = encode_images("gallery", keys, [photos[i] for i in keys])
     photo_ids = np.array(ids, dtype=np.int64)
     decoded = set(ids)
     result = {}

@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 # torch and faiss both load an OpenMP runtime; busy-waiting threads of one slow the other
@@ -12,6 +16,30 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_cli(config: Path, *args: str) -> subprocess.Popen:
+    """`python -m pipeline.cli ARGS --config CONFIG` in a child process, output piped, SIGINT
+    at its default: a shell's background job (`cmd &` in a script, so possibly pytest itself)
+    inherits SIGINT *ignored* and Python keeps it so, and a Ctrl-C test would see the run
+    finish instead of stop."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--config", str(config)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    """Poll until `predicate()` (a kill point) holds; fail if `proc` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended before the kill point:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("kill point never reached")
+        time.sleep(0.02)
 
 
 def shared_data_dir() -> Path:

@@ -4,43 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import REPO_ROOT, write_tiny_config
+from conftest import start_cli, wait_for, write_tiny_config
 
 from pipeline import commands
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
-
-
-def cli(config: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args, "--config", str(config)]
-
-
-def start(config: Path, *args: str) -> subprocess.Popen:
-    """The CLI in a child process, with SIGINT at its default: a shell's background job (`cmd
-    &` in a script, so possibly pytest itself) inherits SIGINT *ignored*, and Python keeps it
-    ignored, so the Ctrl-C test would see the run finish instead of stop."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen(cli(config, *args), cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended before the kill point:\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("kill point never reached")
-        time.sleep(0.02)
 
 
 def results(work_dir: Path) -> dict[str, pa.Table]:
@@ -80,14 +52,14 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path):
         lambda: len(list((work / "index").rglob("index.faiss"))) >= 1,
     ]
     for point in kill_points:
-        proc = start(config, "run", "all")
+        proc = start_cli(config, "run", "all")
         wait_for(point, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     catalog = Catalog.in_dir(work)
     assert catalog.rows("SELECT count(*) FROM units WHERE status = 'done' "
                         "AND stage = 'score'") == [(0,)]
-    proc = start(config, "run", "all")
+    proc = start_cli(config, "run", "all")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert not list(work.rglob("*.tmp.*")), "temporary files were left behind"
@@ -107,7 +79,7 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path):
 def test_a_stopped_run_says_so_and_status_shows_what_resumes(tmp_path, signum, said):
     config_path = write_tiny_config(tmp_path, tmp_path / "run", items=40)
     work = tmp_path / "run"
-    proc = start(config_path, "run", "all")
+    proc = start_cli(config_path, "run", "all")
     wait_for(lambda: len(list((work / "extract").rglob("gram_queries.parquet"))) >= 1, proc)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
@@ -123,7 +95,7 @@ def test_a_stopped_run_says_so_and_status_shows_what_resumes(tmp_path, signum, s
         assert "running" not in statuses and statuses.get("failed") == 1, statuses
         assert f"error: {said}; finished units are kept" in out and "Traceback" not in out, out
         assert not list(work.rglob("*.tmp.*")), "temporary files were left behind"
-    proc = start(config_path, "run", "extract")
+    proc = start_cli(config_path, "run", "extract")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert commands.status(load_config(config_path))[2].done == 10
@@ -133,7 +105,7 @@ def test_concurrent_shard_processes_all_land(tmp_path):
     config_path = write_tiny_config(tmp_path, tmp_path / "run", items=16)
     config = load_config(config_path)
     commands.run(config, ["prepare"], progress=False)
-    procs = [start(config_path, "stage", "extract", "--shard", str(i)) for i in range(4)]
+    procs = [start_cli(config_path, "stage", "extract", "--shard", str(i)) for i in range(4)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
     catalog = Catalog.in_dir(config.work_dir)

@@ -16,9 +16,6 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO_ROOT, shared_data_dir, write_tiny_config
+from conftest import shared_data_dir, start_cli, wait_for, write_tiny_config
 from PIL import Image
 
 from pipeline import commands
@@ -102,24 +99,6 @@ def assert_same_state(got: dict[str, torch.Tensor], expected: dict[str, torch.Te
 
 def set_args(overrides) -> list[str]:
     return [arg for text in overrides for arg in ("--set", text)]
-
-
-def start(config: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--config", str(config)],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended before the kill point:\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("kill point never reached")
-        time.sleep(0.02)
 
 
 def test_validation_gallery_adds_seeded_distractors():
@@ -413,13 +392,13 @@ def test_train_resumes_after_sigkill(shared, tmp_path):
     config_path = write_tiny_config(tmp_path, tmp_path / "run", items=ITEMS)
     config = load_config(config_path, BASE)
     out = train_dir(config)
-    proc = start(config_path, "run", "train", *set_args(BASE))
+    proc = start_cli(config_path, "run", "train", *set_args(BASE))
     wait_for(lambda: (out / "epoch-002.json").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "model.pt").exists(), "the run finished before it was killed"
 
-    proc = start(config_path, "run", "train", *set_args(BASE))
+    proc = start_cli(config_path, "run", "train", *set_args(BASE))
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     resumed = re.search(r"train: resuming after epoch (\d+)", output)
@@ -473,7 +452,7 @@ def test_embed_shard_processes_all_land(shared):
     assert ran(commands.run(config, ["train"], progress=False)) == nothing_ran(*STAGES[:5])
     catalog = Catalog.in_dir(config.work_dir)
     shards = catalog.rows("SELECT count(*) FROM current_units WHERE stage = 'prepare'")[0][0]
-    procs = [start(shared, "stage", "embed", "--shard", str(i), *set_args(overrides))
+    procs = [start_cli(shared, "stage", "embed", "--shard", str(i), *set_args(overrides))
              for i in range(shards)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * shards, outputs
