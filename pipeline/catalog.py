@@ -2,10 +2,10 @@
 
 DuckDB lets one process hold a database file for writing at a time, so every access here is
 a short transaction on a connection that is opened, used and closed at once. A process that
-finds the file locked retries with jittered backoff for up to `run.catalog_timeout_s`. Units
-do their heavy work without holding the catalog, so many `fsr-pipe stage X --shard N`
-processes on one machine interleave their few catalog writes and all get recorded.
-See docs/resume.md for the whole design.
+finds the file locked retries with jittered backoff for up to `run.catalog_timeout_s`. Only
+the driver (`run`, `status`, `reset`, `sql`, `plan`) opens the catalog: workers write unit
+records beside their artifacts and the driver ingests them (`ingest`). See docs/resume.md
+and docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ class UnitRow:
     params: dict[str, Any]
     host: str | None = None
     pid: int | None = None
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +93,21 @@ class PlanRow:
     notes: str | None = None
 
 
+def _arrow_schema(*columns: tuple[str, str]) -> Any:
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in columns])
+
+
+_IDENT = (("stage", "string"), ("unit_key", "string"), ("fingerprint", "string"))
+_ARTIFACTS = _arrow_schema(*_IDENT, ("kind", "string"), ("path", "string"), ("rows", "int64"),
+                           ("bytes", "int64"), ("sha256", "string"))
+_FAILURES = _arrow_schema(*_IDENT, ("item_kind", "string"), ("item_id", "int64"),
+                          ("path", "string"), ("reason", "string"))
+_METRICS = _arrow_schema(*_IDENT, ("name", "string"), ("value", "float64"),
+                         ("labels_json", "string"))
+
+
 def _read_sql(name: str) -> str:
     return resources.files("catalogs").joinpath(name).read_text()
 
@@ -103,15 +117,13 @@ def _is_lock_error(exc: duckdb.Error) -> bool:
     return "lock" in text.lower() and ("Conflicting" in text or "Could not set" in text)
 
 
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# What the OS says when the file system cannot lock files at all (NFS without lockd, some
+# FUSE mounts): waiting does not help, so say so at once.
+_NO_LOCKS = ("Operation not supported", "No locks available", "Function not implemented")
+
+
+def _no_lock_support(exc: duckdb.Error) -> bool:
+    return any(text in str(exc) for text in _NO_LOCKS)
 
 
 def _sql_string(text: str) -> str:
@@ -125,7 +137,6 @@ class Catalog:
     def __init__(self, path: str | Path, timeout_s: float = 300.0) -> None:
         self.path = Path(path)
         self.timeout_s = timeout_s
-        self.host = socket.gethostname()
 
     @classmethod
     def in_dir(cls, work_dir: str | Path, timeout_s: float = 300.0) -> Catalog:
@@ -148,6 +159,13 @@ class Catalog:
                 con = duckdb.connect(str(self.path), read_only=read_only)
                 break
             except duckdb.Error as exc:
+                if _no_lock_support(exc):
+                    raise CatalogBusy(
+                        f"catalog {self.path}: its file system does not support file locks "
+                        f"({exc}); DuckDB needs them. Put run.work_dir on a local disk or a "
+                        "file system with locking; workers on other machines never open the "
+                        "catalog (docs/distributed.md)"
+                    ) from exc
                 if not _is_lock_error(exc):
                     raise
                 if time.monotonic() > deadline:
@@ -208,11 +226,12 @@ class Catalog:
 
     def units(self, stage: str, fingerprint: str) -> list[UnitRow]:
         rows = self.rows(
-            "SELECT stage, unit_key, fingerprint, status, params_json, host, pid FROM units "
-            "WHERE stage = ? AND fingerprint = ? ORDER BY unit_key",
+            "SELECT stage, unit_key, fingerprint, status, params_json, host, pid, attempts "
+            "FROM units WHERE stage = ? AND fingerprint = ? ORDER BY unit_key",
             [stage, fingerprint],
         )
-        return [UnitRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
+        return [UnitRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
+                for r in rows]
 
     def save_plan(
         self,
@@ -243,98 +262,85 @@ class Catalog:
 
     # -- unit lifecycle ----------------------------------------------------------------------
 
-    def holder(self, host: str | None, pid: int | None) -> str:
-        """State of the process behind a `running` mark: 'alive' or 'dead' on this host,
-        'elsewhere' on another host (its liveness cannot be checked from here)."""
-        if host != self.host:
-            return "elsewhere"
-        return "alive" if pid is not None and pid_alive(pid) else "dead"
+    def ingest(self, records: Sequence[Any], work_dir: Path, batch: int = 5000) -> int:
+        """Copy unit records (pipeline.records.UnitRecord, already checked) into the catalog,
+        `batch` units per transaction: a done unit's artifacts, bad inputs and metrics replace
+        what an earlier attempt recorded, then its row becomes done (failed records update the
+        row only). Repeatable: ingesting a record twice leaves the same rows. Returns units."""
+        import pyarrow as pa
 
-    def claim(self, stage: str, key: str, fingerprint: str) -> str:
-        """Mark a unit running for this process; returns 'claimed', 'done' or 'busy:<pid>'."""
-        with self.transaction() as con:
-            row = con.execute(
-                "SELECT status, host, pid FROM units "
-                "WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
-                [stage, key, fingerprint],
-            ).fetchone()
-            if row is None:
-                raise KeyError(f"stage {stage}: no unit {key!r} in the plan")
-            status, host, pid = row
-            if status == "done":
-                return "done"
-            if status == "running" and pid != os.getpid():
-                # A running mark from a live process on this host is respected; one from a dead
-                # process (killed, crashed) is taken over. Other hosts can't be checked here.
-                if self.holder(host, pid) != "dead":
-                    return f"busy:{host}:{pid}"
-            con.execute(
-                "UPDATE units SET status = 'running', attempts = attempts + 1, host = ?, pid = ?, "
-                "started_at = current_timestamp, finished_at = NULL, error = NULL "
-                "WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
-                [self.host, os.getpid(), stage, key, fingerprint],
-            )
-            return "claimed"
-
-    def finish(
-        self,
-        stage: str,
-        key: str,
-        fingerprint: str,
-        rows: int,
-        seconds: float,
-        artifacts: Sequence[ArtifactRecord] = (),
-        failures: Sequence[FailureRecord] = (),
-        metrics: Sequence[MetricRecord] = (),
-    ) -> None:
-        """Record a unit's outputs and mark it done, all in one transaction (the last write)."""
-        ident = [stage, key, fingerprint]
-        with self.transaction() as con:
-            for table in ("artifacts", "item_failures", "metrics"):
-                # A unit redone after a crash replaces whatever an earlier attempt recorded.
+        for start in range(0, len(records), batch):
+            chunk = records[start:start + batch]
+            units = pa.table({
+                "stage": [r.stage for r in chunk], "unit_key": [r.unit_key for r in chunk],
+                "fingerprint": [r.fingerprint for r in chunk],
+                "status": [r.status for r in chunk],
+                "attempts": pa.array([r.attempt for r in chunk], pa.int32()),
+                "host": [r.host for r in chunk], "pid": pa.array([r.pid for r in chunk],
+                                                                pa.int32()),
+                "started_at": pa.array([r.started_at for r in chunk], pa.float64()),
+                "finished_at": pa.array([r.finished_at for r in chunk], pa.float64()),
+                "seconds": pa.array([r.seconds for r in chunk], pa.float64()),
+                "rows": pa.array([r.rows for r in chunk], pa.int64()),
+                "error": pa.array([r.error and r.error[:4000] for r in chunk], pa.string()),
+            })
+            done = [r for r in chunk if r.status == "done"]
+            ident = [(r.stage, r.unit_key, r.fingerprint) for r in done for _ in r.artifacts]
+            artifacts = pa.table({
+                "stage": [i[0] for i in ident], "unit_key": [i[1] for i in ident],
+                "fingerprint": [i[2] for i in ident],
+                "kind": [a.kind for r in done for a in r.artifacts],
+                "path": [str(work_dir / a.path) for r in done for a in r.artifacts],
+                "rows": pa.array([a.rows for r in done for a in r.artifacts], pa.int64()),
+                "bytes": pa.array([a.bytes for r in done for a in r.artifacts], pa.int64()),
+                "sha256": [a.sha256 for r in done for a in r.artifacts]},
+                schema=_ARTIFACTS)
+            fails = [(r, f) for r in done for f in r.failures]
+            failures = pa.table({
+                "stage": [r.stage for r, _ in fails], "unit_key": [r.unit_key for r, _ in fails],
+                "fingerprint": [r.fingerprint for r, _ in fails],
+                "item_kind": [f.item_kind for _, f in fails],
+                "item_id": pa.array([f.item_id for _, f in fails], pa.int64()),
+                "path": pa.array([f.path for _, f in fails], pa.string()),
+                "reason": [f.reason for _, f in fails]}, schema=_FAILURES)
+            mets = [(r, m) for r in done for m in r.metrics]
+            metrics = pa.table({
+                "stage": [r.stage for r, _ in mets], "unit_key": [r.unit_key for r, _ in mets],
+                "fingerprint": [r.fingerprint for r, _ in mets],
+                "name": [m.name for _, m in mets],
+                "value": pa.array([m.value for _, m in mets], pa.float64()),
+                "labels_json": [json.dumps(m.labels, sort_keys=True) for _, m in mets]},
+                schema=_METRICS)
+            with self.transaction() as con:
+                con.register("new_units", units)
+                con.register("new_artifacts", artifacts)
+                con.register("new_failures", failures)
+                con.register("new_metrics", metrics)
+                for table in ("artifacts", "item_failures", "metrics"):
+                    con.execute(
+                        f"DELETE FROM {table} t USING new_units n WHERE n.status = 'done' AND "
+                        "t.stage = n.stage AND t.unit_key = n.unit_key AND "
+                        "t.fingerprint = n.fingerprint")
+                con.execute("INSERT INTO artifacts SELECT *, current_timestamp FROM new_artifacts")
+                con.execute("INSERT INTO item_failures SELECT *, current_timestamp "
+                            "FROM new_failures")
+                con.execute("INSERT INTO metrics SELECT *, current_timestamp FROM new_metrics")
                 con.execute(
-                    f"DELETE FROM {table} WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
-                    ident,
-                )
-            if artifacts:
-                con.executemany(
-                    "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, current_timestamp)",
-                    [ident + [a.kind, a.path, a.rows, a.bytes, a.sha256] for a in artifacts],
-                )
-            if failures:
-                con.executemany(
-                    "INSERT INTO item_failures VALUES (?, ?, ?, ?, ?, ?, ?, current_timestamp)",
-                    [ident + [f.item_kind, f.item_id, f.path, f.reason] for f in failures],
-                )
-            if metrics:
-                con.executemany(
-                    "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
-                    [ident + [m.name, m.value, json.dumps(m.labels, sort_keys=True)]
-                     for m in metrics],
-                )
-            con.execute(
-                "UPDATE units SET status = 'done', finished_at = current_timestamp, seconds = ?, "
-                "rows = ?, error = NULL WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
-                [seconds, rows, *ident],
-            )
+                    "UPDATE units SET status = n.status, attempts = n.attempts, host = n.host, "
+                    "pid = n.pid, started_at = make_timestamp((n.started_at * 1e6)::BIGINT), "
+                    "finished_at = make_timestamp((n.finished_at * 1e6)::BIGINT), "
+                    "seconds = n.seconds, rows = CASE WHEN n.status = 'done' THEN n.rows "
+                    "ELSE units.rows END, error = n.error FROM new_units n "
+                    "WHERE units.stage = n.stage AND units.unit_key = n.unit_key AND "
+                    "units.fingerprint = n.fingerprint")
+                for name in ("new_units", "new_artifacts", "new_failures", "new_metrics"):
+                    con.unregister(name)
+        return len(records)
 
-    def add_metrics(self, stage: str, key: str, fingerprint: str,
-                    metrics: Sequence[MetricRecord]) -> None:
-        """Record metrics while a unit runs (e.g. per epoch); `finish` replaces them."""
-        with self.transaction() as con:
-            con.executemany(
-                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
-                [[stage, key, fingerprint, m.name, m.value, json.dumps(m.labels, sort_keys=True)]
-                 for m in metrics],
-            )
-
-    def fail(self, stage: str, key: str, fingerprint: str, error: str, seconds: float) -> None:
-        with self.transaction() as con:
-            con.execute(
-                "UPDATE units SET status = 'failed', finished_at = current_timestamp, "
-                "seconds = ?, error = ? WHERE stage = ? AND unit_key = ? AND fingerprint = ?",
-                [seconds, error[:4000], stage, key, fingerprint],
-            )
+    def unit_status(self, stage: str, fingerprint: str) -> dict[str, str]:
+        """unit key -> status of a stage's plan."""
+        return dict(self.rows("SELECT unit_key, status FROM units WHERE stage = ? AND "
+                              "fingerprint = ?", [stage, fingerprint]))
 
     def reset(self, stages: Sequence[str]) -> None:
         """Forget everything recorded for these stages (all fingerprints)."""

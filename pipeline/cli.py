@@ -1,13 +1,16 @@
 """The `fsr-pipe` command line (Typer). Thin: parsing and printing; the work is in commands.py.
 
     fsr-pipe run all                      # every stage, resuming what is done
+    fsr-pipe run all --executor local     # units on a process pool (or slurm, ray)
     fsr-pipe run cluster                  # cluster and what it needs
-    fsr-pipe stage extract --shard 3      # exactly one unit (e.g. a Slurm array task)
+    fsr-pipe plan extract                 # freeze a stage's plan for workers
+    fsr-pipe stage extract --shard 3      # a worker: one unit, writes its record
     fsr-pipe status | reset STAGE | sql "SELECT ..."
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -35,6 +38,7 @@ from pipeline import commands
 from pipeline.catalog import CatalogBusy
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data.sources import SourceError
+from pipeline.executors import HandedOff
 from pipeline.models import WeightsError
 from pipeline.progress import console
 from pipeline.stage import PipelineError
@@ -46,9 +50,22 @@ ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="pipeline.tom
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a config value: section.key=value (repeatable).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
+ExecutorOption = Annotated[str | None, typer.Option(
+    "--executor", "-e", help="Where units run: inline, local, slurm or ray (run.executor).")]
+WorkersOption = Annotated[int | None, typer.Option(
+    "--workers", "-w", min=0, help="local/ray: worker processes (run.workers; 0 = auto).")]
+SubmitOption = Annotated[bool, typer.Option(
+    "--submit", help="slurm: submit the array jobs and wait (else only write the scripts).")]
 
 FIRST_SQL = ("SELECT q.style, a.cluster, count(*) AS n FROM style_assignments a "
              "JOIN queries q ON a.item_id = q.query_id GROUP BY ALL ORDER BY ALL")
+
+
+def _run_flags(executor: str | None, workers: int | None, submit: bool) -> list[str]:
+    """The run options as --set overrides (run-only keys: they never change fingerprints)."""
+    flags = [] if executor is None else [f"run.executor={json.dumps(executor)}"]
+    flags += [] if workers is None else [f"run.workers={workers}"]
+    return flags + (["slurm.submit=true"] if submit else [])
 
 
 def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) -> Config:
@@ -96,6 +113,9 @@ def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signatur
             previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
         try:
             return fn(*args, **kwargs)
+        except HandedOff as exc:  # e.g. Slurm scripts written for the user to submit
+            console.print(escape(str(exc)), highlight=False)
+            raise typer.Exit(0) from None
         except ConfigError as exc:
             _fail(exc, 2)
         except (PipelineError, SourceError, CatalogBusy, WeightsError, FileNotFoundError) as exc:
@@ -121,9 +141,12 @@ def run_cmd(
     config: ConfigOption = Path("pipeline.toml"),
     overrides: SetOption = None,
     quiet: QuietOption = False,
+    executor: ExecutorOption = None,
+    workers: WorkersOption = None,
+    submit: SubmitOption = False,
 ) -> None:
     """Run the pipeline (or one stage and what it needs), skipping finished work."""
-    cfg = _setup(config, overrides, quiet)
+    cfg = _setup(config, [*(overrides or []), *_run_flags(executor, workers, submit)], quiet)
     reports = commands.run(cfg, [target])
     _print_reports(reports)
     same = _same_config(config, overrides)
@@ -201,33 +224,83 @@ def _paired_view(rows: list[dict]) -> Table:
 @app.command("stage")
 @_guard
 def stage_cmd(
-    name: Annotated[str, typer.Argument(help="Stage to run (its inputs must be complete).")],
+    name: Annotated[str, typer.Argument(help="Stage to run (its plan must exist).")],
     shard: Annotated[int | None, typer.Option(min=0, help="Run only this shard's unit.")] = None,
     config: ConfigOption = Path("pipeline.toml"),
     overrides: SetOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Run exactly one stage, or one shard of it (as a cluster array task would)."""
+    """Run a stage's units, or one shard of it, as a worker (e.g. a Slurm array task): from
+    the plan file `fsr-pipe plan` wrote, writing unit records, never opening the catalog.
+    `fsr-pipe run` or `status` ingests the records."""
     cfg = _setup(config, overrides, quiet)
-    _print_reports(commands.run(cfg, [name], shard=shard, with_upstream=False))
+    records = commands.work(cfg, name, shard=shard)
+    for r in records:
+        console.print(f"  {r.stage} {r.unit_key}: {r.rows} rows in {r.seconds:.1f}s "
+                      f"(record written; `fsr-pipe status` ingests it)", highlight=False)
+    if not records:
+        console.print("Nothing to do: those units are done or running elsewhere.")
+
+
+@app.command("plan")
+@_guard
+def plan_cmd(
+    name: Annotated[str, typer.Argument(help="Stage to plan (its inputs must be complete).")],
+    config: ConfigOption = Path("pipeline.toml"),
+    overrides: SetOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Plan a stage and write its plan file, so workers (`fsr-pipe stage NAME --shard N`) can
+    run its units without the catalog."""
+    cfg = _setup(config, overrides, quiet)
+    for r in commands.run(cfg, [name], plan_only=True):
+        console.print(f"  {r.stage:<10} {r.units} unit(s) planned (fingerprint "
+                      f"{r.fingerprint}): {cfg.work_dir / r.stage / r.fingerprint / '_plan.json'}",
+                      highlight=False)
+
+
+@app.command("worker", hidden=True)
+@_guard
+def worker_cmd(
+    job_file: Annotated[Path, typer.Argument(help="A job file the driver wrote.")],
+    units: Annotated[list[str] | None, typer.Argument(help="Units of it to run.")] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Run units of a job file (what the driver's Slurm scripts call)."""
+    _setup(None, [], quiet)
+    from pipeline.worker import run_job_file
+
+    for r in run_job_file(job_file, units):
+        console.print(f"  {r.stage} {r.unit_key}: {r.rows} rows in {r.seconds:.1f}s",
+                      highlight=False)
 
 
 @app.command("status")
 @_guard
 def status_cmd(config: ConfigOption = Path("pipeline.toml"), overrides: SetOption = None) -> None:
-    """Per stage: units done / pending / running / failed / stale, rows and time."""
+    """Per stage: units done / pending / running / lost / failed / stale, rows and time;
+    ingests the unit records workers wrote since the last run."""
     cfg = _setup(config, overrides, quiet=True)
-    table = Table("stage", "fingerprint", "done", "pending", "running", "failed", "stale",
-                  "rows", "seconds", "notes", title=f"fsr-pipe status: {cfg.work_dir}")
-    for st in commands.status(cfg):
+    table = Table("stage", "fingerprint", "done", "pending", "running", "lost", "failed",
+                  "stale", "rows", "seconds", "notes", title=f"fsr-pipe status: {cfg.work_dir}")
+    statuses = commands.status(cfg)
+    for st in statuses:
         if not st.planned:
-            state = ["[dim]not planned[/]", "", "", "", str(st.stale or "")]
+            state = ["[dim]not planned[/]", "", "", "", "", str(st.stale or "")]
         else:
-            state = [str(st.done), str(st.pending), str(st.running),
+            state = [str(st.done), str(st.pending), str(st.running), str(st.lost),
                      f"[red]{st.failed}[/]" if st.failed else "0", str(st.stale or "")]
         table.add_row(st.stage, st.fingerprint, *state, f"{st.rows:,}", f"{st.seconds:.1f}",
                       escape(st.notes or ""))
     typer.echo(_render(table))
+    if ingested := sum(st.ingested for st in statuses):
+        typer.echo(f"Ingested {ingested} unit record(s) that workers finished since the last "
+                   "run.")
+    for st in statuses:
+        for line in st.running_on[:10]:
+            typer.echo(f"  running: {st.stage} {line}")
+        if len(st.running_on) > 10:
+            typer.echo(f"  running: {st.stage} ... {len(st.running_on) - 10} more")
     if not (cfg.work_dir / "catalog.duckdb").exists():
         typer.echo(f"No run in {cfg.work_dir} yet (no catalog.duckdb): `fsr-pipe run all` "
                    "starts one.")

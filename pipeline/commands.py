@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from pipeline.catalog import Catalog
 from pipeline.config import Config
+from pipeline.jobs import Job, PlanMissing, plan_path, read_plan
+from pipeline.leases import read_leases
 from pipeline.progress import ProgressBoard
+from pipeline.records import UnitRecord, read_records
 from pipeline.retrieval import sign_test_p
 from pipeline.runner import (
     Runner,
@@ -18,10 +22,12 @@ from pipeline.runner import (
     downstream,
     failure_summary,
     fingerprints,
+    ingest_records,
     plan_rows,
     too_many_failures,
 )
-from pipeline.stage import PipelineError
+from pipeline.stage import PipelineError, shard_key
+from pipeline.worker import run_job
 from stages import all_stages
 
 log = logging.getLogger(__name__)
@@ -29,16 +35,67 @@ log = logging.getLogger(__name__)
 STAGE_NAMES = tuple(s.name for s in all_stages())
 
 
-def run(config: Config, targets: list[str], shard: int | None = None,
-        with_upstream: bool = True, progress: bool | None = None) -> list[StageReport]:
-    """Run stages (`all` = every stage); returns what each stage did."""
+def run(config: Config, targets: list[str], progress: bool | None = None,
+        plan_only: bool = False) -> list[StageReport]:
+    """Run stages (`all` = every stage) on run.executor; returns what each stage did.
+    plan_only: plan the targets and write their plan files for workers, run nothing."""
     stages = all_stages()
-    if "all" in targets and not with_upstream:
+    names = [s.name for s in stages] if targets == ["all"] else targets
+    if plan_only and "all" in targets:
+        raise PipelineError("`fsr-pipe plan` plans one stage whose inputs are complete; "
+                            "`fsr-pipe run all` runs every stage")
+    with ProgressBoard(progress) as board:
+        return Runner(config, stages, board).run(names, plan_only=plan_only)
+
+
+def work(config: Config, stage: str, shard: int | None = None,
+         progress: bool | None = None) -> list[UnitRecord]:
+    """`fsr-pipe stage X [--shard N]`: run the stage's units (or one) as a worker: from its
+    plan file, writing records, never opening the catalog. Units with a done record or a
+    live lease are skipped. Returns the records written."""
+    stages = {s.name: s for s in all_stages()}
+    if stage == "all":
         raise PipelineError("`fsr-pipe stage` runs one stage (or one shard of it); "
                             "`fsr-pipe run all` runs every stage")
-    names = [s.name for s in stages] if targets == ["all"] else targets
+    if stage not in stages:
+        raise PipelineError(f"unknown stage(s) {[stage]}; use one of {list(stages)}")
+    fp = fingerprints(list(stages.values()), config)[stage]
+    path = plan_path(config.work_dir, stage, fp)
+    try:
+        plan = read_plan(str(path))
+    except PlanMissing:
+        raise PipelineError(
+            f"stage {stage} has no plan for this config yet ({path} is missing). Workers run "
+            f"from the plan the driver writes: run `fsr-pipe plan {stage}` once (its inputs "
+            f"must be complete), or `fsr-pipe run {stage}`") from None
+    keys = [key for key, _ in plan.units]
+    wanted = plan.units
+    if shard is not None:
+        wanted = [(k, p) for k, p in plan.units if k == shard_key(shard)]
+        if not wanted:
+            if not any(k.startswith("shard-") for k in keys):
+                raise PipelineError(f"stage {stage} is not sharded (its unit: "
+                                    f"{', '.join(keys)}); run it without --shard")
+            raise PipelineError(
+                f"stage {stage} has no unit {shard_key(shard)}; its units: "
+                f"{keys[:3]}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)")
+    stages[stage].check(config)
+    out_dir = config.work_dir / stage / fp
+    leases = read_leases(out_dir)
+    done = {r.unit_key for r in read_records(out_dir) if r.status == "done"}
+    written = []
     with ProgressBoard(progress) as board:
-        return Runner(config, stages, board).run(names, shard=shard, with_upstream=with_upstream)
+        for key, params in wanted:
+            lease = leases.get(key)
+            if key in done:
+                continue
+            if lease and lease.state(config.run.lease_s) == "alive":
+                log.warning("%s %s: skipped, %s (pid %d) runs it", stage, key, lease.host,
+                            lease.pid)
+                continue
+            job = Job.of(config, path, key, params, stage, fp, attempt=1)
+            written.append(run_job(job, board.task))
+    return written
 
 
 @dataclass
@@ -49,35 +106,43 @@ class StageStatus:
     done: int = 0
     pending: int = 0
     running: int = 0
+    lost: int = 0
     failed: int = 0
     stale: int = 0
+    ingested: int = 0  # done records this call found and ingested (workers' finished units)
     rows: int = 0
     seconds: float = 0.0
     notes: str | None = None
+    running_on: list[str] = field(default_factory=list)  # "shard-00003 on host (since ...)"
+
+    def note(self, text: str) -> None:
+        self.notes = f"{self.notes}; {text}" if self.notes else text
 
 
 def status(config: Config) -> list[StageStatus]:
-    """Per stage, the state of its plan under the current config (stale = older plans)."""
+    """Per stage, the state of its plan under the current config (stale = older plans).
+    Ingests the records workers wrote since the driver last did (the driver's job)."""
     catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
     stages = all_stages()
     expected = fingerprints(stages, config)
     if not catalog.path.exists():
         return [StageStatus(s.name, expected[s.name], False, notes=s.notes(config))
                 for s in stages]
+    planned = {(name, fp) for name, fp in catalog.rows(
+        "SELECT DISTINCT stage, fingerprint FROM units")}
+    new = {s.name: ingest_records(catalog, s.name, expected[s.name], config.work_dir)
+           for s in stages if (s.name, expected[s.name]) in planned}
     counts = catalog.rows(
         "SELECT stage, fingerprint, status, count(*), coalesce(sum(rows), 0), "
         "coalesce(sum(seconds), 0) FROM units GROUP BY ALL"
     )
-    # `running` marks of processes that died on this host (SIGKILL, OOM): the next run redoes
-    # those units, so they count as pending.
-    dead: dict[tuple[str, str], int] = {}
-    for name, fp, host, pid in catalog.rows(
-            "SELECT stage, fingerprint, host, pid FROM units WHERE status = 'running'"):
-        if catalog.holder(host, pid) == "dead":
-            dead[name, fp] = dead.get((name, fp), 0) + 1
+    not_done = [row for row in catalog.rows(
+        "SELECT stage, unit_key, status, fingerprint FROM units WHERE status <> 'done'")
+        if row[3] == expected.get(row[0])]
     result = []
     for stage in stages:
-        st = StageStatus(stage.name, expected[stage.name], False, notes=stage.notes(config))
+        st = StageStatus(stage.name, expected[stage.name], False, notes=stage.notes(config),
+                         ingested=new.get(stage.name, 0))
         for name, fp, state, n, rows, seconds in counts:
             if name != stage.name:
                 continue
@@ -90,14 +155,22 @@ def status(config: Config) -> list[StageStatus]:
             st.seconds += seconds
         if st.planned and st.done and (excess := too_many_failures(
                 catalog, stage.name, st.fingerprint, config.data.max_failure_ratio)):
-            note = (f"{failure_summary(*excess, config.data.max_failure_ratio)}: stages "
+            st.note(f"{failure_summary(*excess, config.data.max_failure_ratio)}: stages "
                     "after it do not run (see failures_by_reason)")
-            st.notes = f"{st.notes}; {note}" if st.notes else note
-        if died := dead.get((stage.name, st.fingerprint)):
-            st.running -= died
-            st.pending += died
-            note = f"{died} unit(s) interrupted (their process died); the next run redoes them"
-            st.notes = f"{st.notes}; {note}" if st.notes else note
+        states = {key: state for name, key, state, _ in not_done if name == stage.name}
+        leases = read_leases(config.work_dir / stage.name / st.fingerprint) if states else {}
+        for key in sorted(set(states) & set(leases)):
+            lease = leases[key]
+            setattr(st, states[key], getattr(st, states[key]) - 1)  # pending or failed
+            if lease.state(config.run.lease_s) == "alive":
+                st.running += 1
+                st.running_on.append(f"{key} on {lease.host} pid {lease.pid} since "
+                                     f"{time.strftime('%H:%M:%S', time.localtime(lease.since))}")
+            else:
+                st.lost += 1
+        if st.lost:
+            st.note(f"{st.lost} unit(s) lost (their worker died or stopped heartbeating); "
+                    "the next run redoes them")
         result.append(st)
     return result
 
@@ -108,24 +181,21 @@ def reset(config: Config, stage: str) -> list[str]:
     if stage not in STAGE_NAMES:
         raise PipelineError(f"unknown stage {stage!r}; stages: {list(STAGE_NAMES)}")
     names = [s.name for s in downstream(stages, stage)]
+    busy = []
+    for name in names:
+        folder = config.work_dir / name
+        for plan_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
+            for key, lease in sorted(read_leases(plan_dir).items()):
+                if lease.state(config.run.lease_s) == "alive":
+                    busy.append(f"{name} {key} ({lease.host} pid {lease.pid})")
+    if busy:
+        raise PipelineError(
+            f"cannot reset {stage}: {len(busy)} unit(s) are being run by live workers: "
+            f"{', '.join(busy[:3])}{' ...' if len(busy) > 3 else ''}; stop them (or let them "
+            f"finish) first; a worker that stopped heartbeating counts as lost after "
+            f"run.lease_s = {config.run.lease_s:g} s")
     catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
     if catalog.path.exists():
-        running = catalog.rows(
-            "SELECT stage, unit_key, host, pid FROM units WHERE status = 'running' AND "
-            f"stage IN ({', '.join('?' for _ in names)}) ORDER BY ALL", names)
-        busy = [f"{name} {key} (pid {pid})" for name, key, host, pid in running
-                if catalog.holder(host, pid) == "alive"]
-        if busy:
-            raise PipelineError(
-                f"cannot reset {stage}: {len(busy)} unit(s) are being run by live processes "
-                f"on this host: {', '.join(busy[:3])}{' ...' if len(busy) > 3 else ''}; stop "
-                "them (or let them finish) first"
-            )
-        for name, key, host, pid in running:
-            if catalog.holder(host, pid) == "elsewhere":  # see docs/resume.md
-                log.warning("reset: %s %s is marked running by %s (pid %s); make sure that "
-                            "process is gone, or it will write into the reset stage", name,
-                            key, host, pid)
         catalog.reset(names)
         catalog.init()
         catalog.refresh_views([v for s in stages for v in s.views])

@@ -40,11 +40,54 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = _run_only("auto")
     # How long a process waits for the catalog's single-writer lock before giving up.
     catalog_timeout_s: float = _run_only(300.0)
+    # Where units run (docs/distributed.md): inline (this process), local (a process pool),
+    # slurm (sbatch array jobs), ray (Ray actors).
+    executor: Literal["inline", "local", "slurm", "ray"] = _run_only("inline")
+    # local/ray: worker processes; 0 = one per GPU when CUDA is visible, else one per 2 cores.
+    workers: int = _run_only(0)
+    # Units whose worker died without a record (killed, node lost, preempted) are rerun up to
+    # this many times; a unit that raised stops the run at once.
+    max_retries: int = _run_only(2)
+    # A running unit touches its lease file every heartbeat_s; a lease older than lease_s
+    # belongs to a lost unit (on another host: its liveness can only be seen through this).
+    heartbeat_s: float = _run_only(10.0)
+    lease_s: float = _run_only(120.0)
+    # ray: the cluster address (`ray://host:10001` or `auto`); empty = a local Ray cluster.
+    ray_address: str = _run_only("")
 
     def validate(self) -> None:
         _check(bool(self.work_dir.strip()), "run.work_dir", "must name a folder (e.g. runs/demo)")
         _check(self.seed >= 0, "run.seed", "must be >= 0")
         _check(self.catalog_timeout_s > 0, "run.catalog_timeout_s", "must be > 0")
+        _check(self.workers >= 0, "run.workers", "must be >= 0 (0 = automatic)")
+        _check(self.max_retries >= 0, "run.max_retries", "must be >= 0")
+        _check(self.heartbeat_s > 0, "run.heartbeat_s", "must be > 0")
+        _check(self.lease_s > 2 * self.heartbeat_s, "run.lease_s",
+               "must be more than twice run.heartbeat_s (a live unit must not look lost)")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """The sbatch array script the slurm executor writes (docs/distributed.md)."""
+
+    partition: str = _run_only("")
+    gpus: int = _run_only(0)             # per task (extract, embed, train, score when CUDA)
+    cpus_per_task: int = _run_only(4)
+    mem: str = _run_only("")             # e.g. "32G"; empty = the partition's default
+    time: str = _run_only("02:00:00")
+    extra: tuple[str, ...] = _run_only(())  # more "#SBATCH ..." lines, e.g. "--account=x"
+    # The command a task runs fsr-pipe with (e.g. a venv's path, or "srun fsr-pipe").
+    command: str = _run_only("fsr-pipe")
+    poll_s: float = _run_only(30.0)      # sacct polling interval with --submit
+    submit: bool = _run_only(False)      # submit and wait (--submit), or only write the script
+
+    def validate(self) -> None:
+        _check(self.gpus >= 0, "slurm.gpus", "must be >= 0")
+        _check(self.cpus_per_task >= 1, "slurm.cpus_per_task", "must be >= 1")
+        _check(self.poll_s > 0, "slurm.poll_s", "must be > 0")
+        _check(bool(self.command.strip()), "slurm.command", "must name the fsr-pipe command")
+        for line in self.extra:
+            _check("\n" not in line, "slurm.extra", "one #SBATCH option per list item")
 
 
 @dataclass(frozen=True)
@@ -271,6 +314,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # Directory relative paths in the file are resolved against (the config file's folder).
     base_dir: str = field(default=".", metadata={"fingerprint": False})
 

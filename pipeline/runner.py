@@ -1,8 +1,9 @@
-"""The runner: plan each stage once, run the units not done, skip the rest, resume after crashes.
+"""The driver: plan each stage once, hand the units not done to an executor, ingest records.
 
-A unit is done when the catalog says so for its fingerprint; that mark is the last thing a
-unit writes. Anything else (a `running` mark of a dead process, a temporary file) is
-leftover of a crash and is redone or removed. See docs/resume.md.
+A unit is done when its record (written last by the worker, beside its artifacts) is in the
+catalog for its fingerprint; the driver is the catalog's only writer. Anything else (a lease
+whose process is gone, a temporary file) is leftover of a crash and is redone or removed.
+See docs/resume.md and docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.artifacts import remove_stale_tmp
-from pipeline.catalog import Catalog, MetricRecord, PlanRow, UnitRow
+from pipeline.catalog import Catalog, PlanRow, UnitRow
 from pipeline.config import Config
 from pipeline.device import resolve_device
+from pipeline.executors import Executor, Outcome, make_executor
+from pipeline.jobs import Inputs, Job, StagePlan, plan_path, write_plan
+from pipeline.leases import read_leases
 from pipeline.progress import ProgressBoard
-from pipeline.stage import PipelineError, Stage, StageContext, shard_key
+from pipeline.records import UnitRecord, check_record, read_records
+from pipeline.stage import PipelineError, Stage, StageContext
+from pipeline.worker import GOOD_ITEMS
 
-GOOD_ITEMS = "good_items"  # the metric holding UnitResult.good
+INGEST_EVERY_S = 2.0  # pool executors: ingest finished records at most this often
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,7 @@ class StageReport:
     units: int = 0
     ran: int = 0
     skipped: int = 0
+    retried: int = 0
     busy: list[str] = field(default_factory=list)
 
 
@@ -103,29 +111,105 @@ def failure_summary(kind: str, bad: int, good: int, limit: float) -> str:
             f"over data.max_failure_ratio = {limit})")
 
 
+def upstream_inputs(catalog: Catalog, stage: Stage, fingerprints: dict[str, str],
+                    work_dir: Path) -> Inputs:
+    """What `stage` reads of the stages it needs, from the catalog (paths made relative)."""
+    fps = {name: fingerprints[name] for name in stage.needs}
+    artifacts, failed, units = {}, {}, {}
+    root = str(work_dir) + "/"
+    for name, fp in fps.items():
+        artifacts[name] = [(key, kind, path[len(root):] if path.startswith(root) else path,
+                            rows) for key, kind, path, rows in catalog.rows(
+            "SELECT unit_key, kind, path, rows FROM artifacts WHERE stage = ? AND "
+            "fingerprint = ? ORDER BY unit_key, path", [name, fp])]
+        failed[name] = {}
+        for kind, item in catalog.rows(
+                "SELECT item_kind, item_id FROM item_failures WHERE stage = ? AND "
+                "fingerprint = ? AND item_id IS NOT NULL ORDER BY ALL", [name, fp]):
+            failed[name].setdefault(kind, []).append(item)
+        units[name] = [(u.key, u.params) for u in catalog.units(name, fp)]
+    return Inputs(fps, artifacts, failed, units)
+
+
+def ingest_records(catalog: Catalog, stage: str, fingerprint: str, work_dir: Path,
+                   records: list[UnitRecord] | None = None) -> int:
+    """Copy the stage plan's records that are not in the catalog yet (or `records`, just
+    received) into it; records that do not count are logged and left out. Returns units."""
+    status = catalog.unit_status(stage, fingerprint)
+    out_dir = work_dir / stage / fingerprint
+    if records is None:
+        records = read_records(out_dir, skip={k for k, s in status.items() if s == "done"})
+    good = []
+    for record in records:
+        why = check_record(record, fingerprint, set(status), work_dir)
+        if why:
+            log.warning("%s %s: record ignored (%s); the unit is redone", stage,
+                        record.unit_key, why)
+        elif status.get(record.unit_key) != "done":
+            good.append(record)
+    if good:
+        catalog.ingest(good, work_dir)
+    return len(good)
+
+
+class _Collector:
+    """Receives a round of job outcomes: ingests records in batches (at most every
+    `every_s`), keeps the lost jobs for a retry, raises on the first failed unit."""
+
+    def __init__(self, ingest, every_s: float, report: StageReport, advance) -> None:  # noqa: ANN001
+        self.ingest, self.every_s = ingest, every_s
+        self.report, self.advance = report, advance
+        self.received: list[UnitRecord] = []
+        self.lost: list[Outcome] = []
+        self.last = time.monotonic()
+
+    def finished(self, outcome: Outcome) -> None:
+        if outcome.record is None:
+            self.lost.append(outcome)
+            return
+        record = outcome.record
+        self.received.append(record)
+        if record.status == "failed":  # an application error stops the run: no retry
+            self.flush()
+            raise PipelineError(f"stage {record.stage}: unit {record.unit_key} failed on "
+                                f"{record.host} (pid {record.pid}): {record.error}")
+        self.report.ran += 1
+        self.advance(1)
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.received:
+            self.ingest(self.received)
+            self.received = []
+        self.last = time.monotonic()
+
+
 class Runner:
-    def __init__(self, config: Config, stages: Sequence[Stage], board: ProgressBoard) -> None:
+    def __init__(self, config: Config, stages: Sequence[Stage], board: ProgressBoard,
+                 executor: Executor | None = None) -> None:
         self.config = config
         self.stages = list(stages)
         self.board = board
         self.catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
         self.fingerprints = fingerprints(self.stages, config)
+        self.executor = executor
 
-    def context(self, stage: Stage) -> StageContext:
+    def context(self, stage: Stage, inputs: Inputs) -> StageContext:
         return StageContext(
             config=self.config,
-            catalog=self.catalog,
+            inputs=inputs,
             stage=stage.name,
             fingerprint=self.fingerprints[stage.name],
-            inputs={n: self.fingerprints[n] for n in stage.needs},
             progress=self.board.task,
             log=logging.getLogger(f"stages.{stage.name}"),
         )
 
-    def run(self, targets: Sequence[str], shard: int | None = None,
-            with_upstream: bool = True) -> list[StageReport]:
-        """Run target stages (and, with_upstream, what they need); `shard` picks one unit."""
-        if with_upstream:
+    def run(self, targets: Sequence[str], with_upstream: bool = True,
+            plan_only: bool = False) -> list[StageReport]:
+        """Run target stages (and, with_upstream, what they need). plan_only: plan the
+        targets and write their plan files for workers, run nothing (upstream must be done)."""
+        if with_upstream and not plan_only:
             order = stage_closure(self.stages, targets)
         else:
             order = [s for s in self.stages if s.name in targets]
@@ -136,84 +220,94 @@ class Runner:
         for stage in order:
             stage.check(self.config)
         self.catalog.init()
-        if not with_upstream:
+        if plan_only:
+            reports = []
             for stage in order:
                 self._require_upstream_done(stage)
+                units = self.plan(stage)
+                reports.append(StageReport(stage.name, self.fingerprints[stage.name],
+                                           units=len(units)))
+            return reports
+        if self.executor is None:
+            self.executor = make_executor(self.config, self.board.task)
         reports = []
-        with self.board.task("stages", len(order)) as advance:
-            for stage in order:
-                reports.append(self._run_stage(stage, shard))
-                advance(1)
+        try:
+            with self.board.task("stages", len(order)) as advance:
+                for stage in order:
+                    reports.append(self._run_stage(stage))
+                    advance(1)
+        finally:
+            self.executor.close()
         return reports
 
     def _require_upstream_done(self, stage: Stage) -> None:
         for name in stage.needs:
-            units = self.catalog.units(name, self.fingerprints[name])
+            fp = self.fingerprints[name]
+            ingest_records(self.catalog, name, fp, self.config.work_dir)
+            units = self.catalog.units(name, fp)
             if not units or any(u.status != "done" for u in units):
                 raise PipelineError(
                     f"stage {stage.name} needs {name}, which is not complete for the current "
                     f"config; run `fsr-pipe run {name}` first (see `fsr-pipe status`)"
                 )
-            self._check_failures(name, self.fingerprints[name])  # as `run` would have stopped
+            self._check_failures(name, fp)  # as `run` would have stopped
 
     def plan(self, stage: Stage) -> list[UnitRow]:
-        """The stage's frozen plan for its fingerprint, planning it now if there is none."""
-        ctx = self.context(stage)
-        units = self.catalog.units(stage.name, ctx.fingerprint)
-        meta = plan_meta(stage, self.config, ctx.inputs)
-        if units:
-            if self.catalog.current_fingerprint(stage.name) != ctx.fingerprint:
-                self.catalog.save_plan(stage.name, ctx.fingerprint, meta, [])
+        """The stage's frozen plan for its fingerprint (planning it now if there is none),
+        with its plan file for workers written."""
+        fp = self.fingerprints[stage.name]
+        path = plan_path(self.config.work_dir, stage.name, fp)
+        units = self.catalog.units(stage.name, fp)
+        if units and path.exists():
+            if self.catalog.current_fingerprint(stage.name) != fp:
+                meta = plan_meta(stage, self.config, {n: self.fingerprints[n]
+                                                      for n in stage.needs})
+                self.catalog.save_plan(stage.name, fp, meta, [])
             return units
-        planned = stage.plan(ctx)
-        keys = [u.key for u in planned]
-        assert len(set(keys)) == len(keys), f"{stage.name}: duplicate unit keys"
-        self.catalog.save_plan(
-            stage.name, ctx.fingerprint, meta, [(u.key, u.params) for u in planned]
-        )
-        log.info("%s: planned %d unit(s), fingerprint %s", stage.name, len(planned),
-                 ctx.fingerprint)
-        return self.catalog.units(stage.name, ctx.fingerprint)
+        inputs = upstream_inputs(self.catalog, stage, self.fingerprints, self.config.work_dir)
+        ctx = self.context(stage, inputs)
+        meta = plan_meta(stage, self.config, inputs.fingerprints)
+        if units:  # planned by an fsr-pipe without plan files: keep the catalog's plan
+            planned = [(u.key, u.params) for u in units]
+        else:
+            planned = [(u.key, u.params) for u in stage.plan(ctx)]
+            keys = [key for key, _ in planned]
+            assert len(set(keys)) == len(keys), f"{stage.name}: duplicate unit keys"
+        self.catalog.save_plan(stage.name, fp, meta, planned)
+        units = self.catalog.units(stage.name, fp)  # the first plan stands
+        write_plan(StagePlan(stage.name, fp, [(u.key, u.params) for u in units], inputs),
+                   self.config.work_dir)
+        log.info("%s: planned %d unit(s), fingerprint %s", stage.name, len(units), fp)
+        return units
 
-    def _run_stage(self, stage: Stage, shard: int | None) -> StageReport:
-        ctx = self.context(stage)
+    def _run_stage(self, stage: Stage) -> StageReport:
+        fp = self.fingerprints[stage.name]
+        work_dir, lease_s = self.config.work_dir, self.config.run.lease_s
         if note := stage.notes(self.config):
             log.warning("%s: %s", stage.name, note)
         units = self.plan(stage)
-        report = StageReport(stage.name, ctx.fingerprint, units=len(units))
-        if shard is not None:
-            wanted = shard_key(shard)
-            units = [u for u in units if u.key == wanted]
-            if not units:
-                keys = [u.key for u in self.catalog.units(stage.name, ctx.fingerprint)]
-                if not any(k.startswith("shard-") for k in keys):
-                    raise PipelineError(
-                        f"stage {stage.name} is not sharded (its unit: {', '.join(keys)}); "
-                        f"run it without --shard"
-                    )
-                raise PipelineError(
-                    f"stage {stage.name} has no unit {wanted}; its units: "
-                    f"{keys[:3]}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)"
-                )
-        removed = remove_stale_tmp(ctx.out_dir)
-        if removed:
+        report = StageReport(stage.name, fp, units=len(units))
+        out_dir = work_dir / stage.name / fp
+        leases = read_leases(out_dir)
+        if removed := remove_stale_tmp(out_dir, leases, lease_s):
             log.info("%s: removed %d temporary file(s) left by a crashed run", stage.name, removed)
-        todo = [u for u in units if u.status != "done"]
-        report.skipped = len(units) - len(todo)
+        ingest_records(self.catalog, stage.name, fp, work_dir)
+        status = {u.key: u for u in self.catalog.units(stage.name, fp)}
+        todo = [u for u in units if status[u.key].status != "done"]
+        for unit in todo:
+            lease = leases.get(unit.key)
+            if lease and lease.state(lease_s) == "alive":
+                report.busy.append(f"{unit.key} ({lease.host}:{lease.pid})")
+        todo = [u for u in todo if not any(b.startswith(u.key + " ") for b in report.busy)]
+        report.skipped = len(units) - len(todo) - len(report.busy)
         try:
             with self.board.task(stage.name, len(todo)) as advance:
-                for unit in todo:
-                    outcome = self._run_unit(stage, ctx, unit)
-                    if outcome.startswith("busy"):
-                        report.busy.append(f"{unit.key} ({outcome})")
-                    elif outcome == "done":
-                        report.skipped += 1
-                    else:
-                        report.ran += 1
-                    advance(1)
-        except Exception:
-            # A failed unit: the stored views still show the units that finished before it
-            # (to a plain duckdb client). Not on Ctrl-C/SIGTERM, which should exit at once.
+                self._dispatch(stage, todo, {u.key: status[u.key].attempts for u in todo},
+                               report, advance)
+        except BaseException:
+            # Whatever finished (and the failed unit's own record) goes into the catalog, and
+            # the stored views show it to a plain duckdb client. Not on Ctrl-C/SIGTERM.
+            ingest_records(self.catalog, stage.name, fp, work_dir)
             self._refresh_views(stage, quiet=True)
             raise
         self._refresh_views(stage)
@@ -222,9 +316,45 @@ class Runner:
                 f"stage {stage.name}: {len(report.busy)} unit(s) are being run by other "
                 f"processes: {', '.join(report.busy[:3])}; run again when they finish"
             )
-        if shard is None or self._complete(stage):
-            self._check_failures(stage.name, ctx.fingerprint)
+        if self._complete(stage):
+            self._check_failures(stage.name, fp)
         return report
+
+    def _dispatch(self, stage: Stage, todo: list[UnitRow], attempts: dict[str, int],
+                  report: StageReport, advance) -> None:  # noqa: ANN001
+        """Run `todo` on the executor, ingesting records as they come; retry lost units."""
+        fp = self.fingerprints[stage.name]
+        work_dir = self.config.work_dir
+        plan_file = plan_path(work_dir, stage.name, fp)
+        params = {u.key: u.params for u in todo}
+        queue = [u.key for u in todo]
+        lost_count: dict[str, int] = {}
+        while queue:
+            jobs = [Job.of(self.config, plan_file, key, params[key], stage.name, fp,
+                           attempts[key] + 1) for key in queue]
+            batch = _Collector(lambda records: ingest_records(
+                self.catalog, stage.name, fp, work_dir, records),
+                every_s=0.0 if len(jobs) == 1 or self.config.run.executor == "inline"
+                else INGEST_EVERY_S, report=report, advance=advance)
+            try:
+                self.executor.run(jobs, batch.finished)
+            finally:
+                batch.flush()
+            queue = []
+            for outcome in batch.lost:
+                key = outcome.job.unit_key
+                attempts[key] = outcome.job.attempt
+                lost_count[key] = lost_count.get(key, 0) + 1
+                if lost_count[key] > self.config.run.max_retries:
+                    raise PipelineError(
+                        f"stage {stage.name}: unit {key} ended without a record "
+                        f"{lost_count[key]} time(s), last: {outcome.reason}; see the worker "
+                        "logs, or raise run.max_retries")
+                log.warning("%s %s: worker ended without a record (%s); retry %d of %d",
+                            stage.name, key, outcome.reason, lost_count[key],
+                            self.config.run.max_retries)
+                report.retried += 1
+                queue.append(key)
 
     def _refresh_views(self, stage: Stage, quiet: bool = False) -> None:
         if not stage.views:
@@ -239,31 +369,6 @@ class Runner:
     def _complete(self, stage: Stage) -> bool:
         units = self.catalog.units(stage.name, self.fingerprints[stage.name])
         return all(u.status == "done" for u in units)
-
-    def _run_unit(self, stage: Stage, ctx: StageContext, unit: UnitRow) -> str:
-        claim = self.catalog.claim(stage.name, unit.key, ctx.fingerprint)
-        if claim != "claimed":
-            return claim
-        started = time.monotonic()
-        try:
-            result = stage.run(ctx, unit)
-            seconds = time.monotonic() - started
-            good = [MetricRecord(GOOD_ITEMS, float(n), {"item_kind": kind})
-                    for kind, n in sorted(result.good.items())]
-            self.catalog.finish(
-                stage.name, unit.key, ctx.fingerprint, result.rows, seconds,
-                result.artifacts, result.failures, [*result.metrics, *good],
-            )
-        except BaseException as exc:  # Ctrl-C and SIGTERM too: never leave a `running` mark
-            seconds = time.monotonic() - started
-            reason = str(exc) or type(exc).__name__  # KeyboardInterrupt has no message
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self.catalog.fail(stage.name, unit.key, ctx.fingerprint, error, seconds)
-            log.error("%s %s failed after %.1fs: %s", stage.name, unit.key, seconds, reason)
-            raise
-        log.info("%s %s: %d rows (%d bad inputs) in %.1fs -> %s", stage.name, unit.key, result.rows,
-                 len(result.failures), seconds, ctx.out_dir / unit.key)
-        return "ran"
 
     def _check_failures(self, stage: str, fingerprint: str) -> None:
         limit = self.config.data.max_failure_ratio

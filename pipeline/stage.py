@@ -2,7 +2,9 @@
 
 Stages are glue (they read inputs, call library code and write artifacts); the runner owns
 fingerprints, the catalog and resuming. A stage writes every file atomically and returns
-records; the runner marks the unit done only after that, in the catalog's last write.
+records; the worker writes the unit's record after that, and the driver ingests it into the
+catalog. Stages never see the catalog: what they read of upstream stages comes resolved in
+`StageContext.inputs` (the plan file, pipeline/jobs.py).
 """
 
 from __future__ import annotations
@@ -16,15 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipeline.catalog import (
-    ArtifactRecord,
-    Catalog,
-    FailureRecord,
-    MetricRecord,
-    UnitRow,
-    ViewSpec,
-)
+from pipeline.catalog import ArtifactRecord, FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.config import Config, fingerprint_fields
+from pipeline.jobs import Inputs
 
 
 class PipelineError(RuntimeError):
@@ -59,10 +55,9 @@ class StageContext:
     """What a stage sees while planning and running."""
 
     config: Config
-    catalog: Catalog
+    inputs: Inputs  # what the stage reads of the stages it needs, resolved by the driver
     stage: str
     fingerprint: str
-    inputs: dict[str, str]  # upstream stage -> its fingerprint
     progress: Callable[[str, int | None], AbstractContextManager[Callable[[int], None]]]
     log: logging.Logger
 
@@ -73,12 +68,20 @@ class StageContext:
 
     def input_paths(self, stage: str, kind: str, unit_key: str | None = None) -> list[str]:
         """Done artifact files of kind `kind` written by upstream `stage` (or one unit of it)."""
-        return self.catalog.artifact_paths(stage, self.inputs[stage], kind, unit_key)
+        return self.inputs.paths(self.config.work_dir, stage, kind, unit_key)
+
+    def input_rows(self, stage: str, kind: str) -> list[tuple[str, str, int]]:
+        """(unit_key, path, rows) of upstream `stage`'s files of one kind, in unit order."""
+        return self.inputs.rows(self.config.work_dir, stage, kind)
+
+    def input_units(self, stage: str) -> list[PlannedUnit]:
+        """The units of upstream `stage`'s plan (e.g. to shard alike)."""
+        return [PlannedUnit(key, params) for key, params in self.inputs.units[stage]]
 
     def input_failures(self, stage: str, item_kind: str) -> set[int]:
         """Ids of the `item_kind` items upstream `stage` recorded as bad inputs: recorded once
         there, a later stage skips them rather than decode and record them again."""
-        return self.catalog.failed_items(stage, self.inputs[stage], item_kind)
+        return self.inputs.failed_items(stage, item_kind)
 
     def input_path(self, stage: str, kind: str, unit_key: str | None = None) -> str:
         paths = self.input_paths(stage, kind, unit_key)

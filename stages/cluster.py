@@ -71,7 +71,7 @@ class ClusterStage(Stage):
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
         cfg, seed = ctx.config.cluster, ctx.config.run.seed
-        shards = [u.key for u in ctx.catalog.units("extract", ctx.inputs["extract"])]
+        shards = [u.key for u in ctx.input_units("extract")]
         # Pass 1 keeps a seeded sample of training vectors; pass 2 streams the assignments
         # out shard by shard, so memory is bounded by the sample plus one shard.
         splits = [pq.read_table(ctx.input_path("prepare", kind, key), columns=["split"])

@@ -92,8 +92,7 @@ class EmbedStage(Stage):
         check_model_config(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
-        units = ctx.catalog.units("prepare", ctx.inputs["prepare"])
-        return [PlannedUnit(u.key, u.params) for u in units]
+        return ctx.input_units("prepare")
 
     def models(self, ctx: StageContext) -> tuple[GramEncoder, dict[str, Encoder]]:
         """(Gram encoder, {method: encode(pixels, gram)}) for methods(config), built once per

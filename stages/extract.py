@@ -69,8 +69,7 @@ class ExtractStage(Stage):
         check_vgg_weights(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
-        units = ctx.catalog.units("prepare", ctx.inputs["prepare"])
-        return [PlannedUnit(u.key, u.params) for u in units]
+        return ctx.input_units("prepare")
 
     def encoder(self, config: Config) -> torch.nn.Module:
         """The Gram encoder for this config, built once per process."""

@@ -32,7 +32,7 @@ from stages.embed import METHOD_KINDS, methods
 
 def embed_shards(ctx: StageContext, method: str) -> list[Shard]:
     """The embed stage's shards of one method, in shard order."""
-    rows = ctx.catalog.artifact_rows("embed", ctx.inputs["embed"], METHOD_KINDS[method])
+    rows = ctx.input_rows("embed", METHOD_KINDS[method])
     if not rows:
         raise PipelineError(f"index: the embed stage wrote no {METHOD_KINDS[method]!r} files; "
                             f"run `fsr-pipe run embed` (with embed.{method} = true for the "

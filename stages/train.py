@@ -184,8 +184,6 @@ class TrainStage(Stage):
         best = history.update(epoch, metrics)
         save_checkpoint(out, epoch, model, optimizer, scaler, history, saved_config)
         prune_checkpoints(out, keep={epoch, history.best_epoch})
-        ctx.catalog.add_metrics(ctx.stage, unit.key, ctx.fingerprint, _epoch_metrics(
-            history.epochs[-1]))
         loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # None at epoch 0
         ctx.log.info("train epoch %d: loss %s, validation R@1 %.3f%s", epoch, loss,
                      metrics["val_recall@1"], " (best)" if best else "")

@@ -1,0 +1,54 @@
+"""The executor interface: run a stage's jobs somewhere, report each job's end to the driver.
+
+An executor never touches the catalog. For each job it calls `finished(Outcome)` once, in
+the driver's process: with the unit's record when the worker wrote one (done or failed), or
+with `record=None` and a reason when the worker ended without one (killed, node lost,
+preempted): the driver retries those up to `run.max_retries`. See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.jobs import Job
+from pipeline.records import UnitRecord, record_path
+
+
+class HandedOff(Exception):  # noqa: N818 - not an error: the run goes on elsewhere
+    """The executor handed the work to someone else (e.g. wrote a Slurm script for the user
+    to submit); the driver stops here and says what to do next."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job: Job
+    record: UnitRecord | None  # None: the worker ended without writing one
+    reason: str | None = None  # why there is no record (infrastructure failure)
+
+
+Finished = Callable[[Outcome], None]
+
+
+def read_own_record(job: Job, out_dir: Path) -> UnitRecord | None:
+    """The record `job`'s attempt wrote, if any (a worker may die right after writing it)."""
+    path = record_path(out_dir, job.unit_key)
+    try:
+        record = UnitRecord.from_json(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if record.attempt == job.attempt and record.fingerprint == job.fingerprint \
+        else None
+
+
+class Executor:
+    """Base class: `run` blocks until every job has ended (or raises)."""
+
+    name = "base"
+
+    def run(self, jobs: Sequence[Job], finished: Finished) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release workers (pools, actors) at the end of a run."""

@@ -1,0 +1,112 @@
+"""Who runs a unit right now: lease files with a heartbeat, readable from any host.
+
+A worker writes `<stage>/<fingerprint>/_leases/<unit>.json` (host, pid, attempt, since) when
+it starts a unit and touches it every `run.heartbeat_s`; it deletes it when the unit ends. A
+lease is *alive* while its heartbeat is fresh, *lost* once it is older than `run.lease_s`
+or, on this host, as soon as its process is gone (SIGKILL, out of memory). Only lost units are
+redone, so two hosts never run one unit at once. See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+LEASES = "_leases"
+HOST_ENV = "FSR_HOSTNAME"  # overrides the host name (containers, tests with two "hosts")
+
+
+def this_host() -> str:
+    """The name this process goes by in leases, records and temporary file names."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Lease:
+    unit_key: str
+    host: str
+    pid: int
+    attempt: int
+    since: float  # unix time the unit started
+    heartbeat: float  # unix time of the last heartbeat (the file's mtime)
+
+    def state(self, lease_s: float, now: float | None = None) -> str:
+        """'alive' or 'lost' (see the module docstring)."""
+        now = time.time() if now is None else now
+        if self.host == this_host() and not pid_alive(self.pid):
+            return "lost"
+        return "lost" if now - self.heartbeat > lease_s else "alive"
+
+
+def lease_path(out_dir: Path, unit_key: str) -> Path:
+    return out_dir / LEASES / f"{unit_key}.json"
+
+
+def read_leases(out_dir: Path) -> dict[str, Lease]:
+    """Every lease file under a stage plan's folder, by unit key."""
+    folder = out_dir / LEASES
+    leases: dict[str, Lease] = {}
+    if not folder.is_dir():
+        return leases
+    for entry in os.scandir(folder):
+        if not entry.name.endswith(".json") or entry.name.startswith("."):
+            continue
+        try:
+            data = json.loads(Path(entry.path).read_text())
+            heartbeat = entry.stat().st_mtime
+        except (OSError, ValueError):  # deleted while we looked, or being replaced
+            continue
+        leases[data["unit_key"]] = Lease(data["unit_key"], data["host"], data["pid"],
+                                         data["attempt"], data["since"], heartbeat)
+    return leases
+
+
+class Holding:
+    """Context manager: hold the lease of one unit, heartbeating in a daemon thread."""
+
+    def __init__(self, out_dir: Path, unit_key: str, attempt: int, heartbeat_s: float) -> None:
+        self.path = lease_path(out_dir, unit_key)
+        self.heartbeat_s = heartbeat_s
+        now = time.time()
+        self.lease = Lease(unit_key, this_host(), os.getpid(), attempt, now, now)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name=f"lease {unit_key}")
+
+    def __enter__(self) -> Holding:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(self.lease)
+        del data["heartbeat"]  # the file's mtime is the heartbeat
+        tmp = self.path.with_name(f".{self.path.name}.{this_host()}.{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:  # reset deleted the stage meanwhile
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,117 @@
+"""Unit records: the file a worker writes last, the source of truth for "this unit is done".
+
+`<stage>/<fingerprint>/_records/<unit>.json` holds the unit's artifacts (paths relative to the
+run directory, bytes, sha256), bad inputs, metrics, host, pid, attempt and times. Workers
+write it atomically after every artifact; the driver alone copies records into the catalog
+(`Catalog.ingest`). A record counts only if its fingerprint is the planned one and its files
+exist with the recorded sizes (`check_record`). See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.catalog import ArtifactRecord, FailureRecord, MetricRecord
+
+RECORDS = "_records"
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    stage: str
+    fingerprint: str
+    unit_key: str
+    status: str  # done | failed
+    host: str
+    pid: int
+    attempt: int
+    started_at: float  # unix time
+    finished_at: float
+    rows: int = 0
+    error: str | None = None
+    artifacts: list[ArtifactRecord] = field(default_factory=list)  # paths relative to work_dir
+    failures: list[FailureRecord] = field(default_factory=list)
+    metrics: list[MetricRecord] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.finished_at - self.started_at
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> UnitRecord:
+        data: dict[str, Any] = json.loads(text)
+        data["artifacts"] = [ArtifactRecord(**a) for a in data["artifacts"]]
+        data["failures"] = [FailureRecord(**f) for f in data["failures"]]
+        data["metrics"] = [MetricRecord(**m) for m in data["metrics"]]
+        return cls(**data)
+
+
+def record_path(out_dir: Path, unit_key: str) -> Path:
+    return out_dir / RECORDS / f"{unit_key}.json"
+
+
+def relative_artifacts(artifacts: list[ArtifactRecord], work_dir: Path) -> list[ArtifactRecord]:
+    """Artifact paths relative to the run directory (so nodes may mount it elsewhere)."""
+    root = work_dir.resolve()
+    out = []
+    for a in artifacts:
+        path = Path(a.path).resolve()
+        rel = os.path.relpath(path, root) if path.is_relative_to(root) else str(path)
+        out.append(ArtifactRecord(a.kind, rel, a.rows, a.bytes, a.sha256))
+    return out
+
+
+def absolute_artifacts(artifacts: list[ArtifactRecord], work_dir: Path) -> list[ArtifactRecord]:
+    return [ArtifactRecord(a.kind, str(work_dir / a.path), a.rows, a.bytes, a.sha256)
+            for a in artifacts]
+
+
+def write_record(record: UnitRecord, out_dir: Path) -> Path:
+    """Atomically write a unit's record (the unit's last write)."""
+    from pipeline.artifacts import write_bytes  # artifacts imports leases; keep this module light
+
+    return write_bytes(record.to_json().encode(), record_path(out_dir, record.unit_key))
+
+
+def read_records(out_dir: Path, skip: set[str] | frozenset[str] = frozenset()) -> list[UnitRecord]:
+    """The records under a stage plan's folder, except those of the units in `skip`."""
+    folder = out_dir / RECORDS
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        name = entry.name
+        if name.startswith(".") or not name.endswith(".json") or name[:-5] in skip:
+            continue
+        try:
+            found.append(UnitRecord.from_json(Path(entry.path).read_text()))
+        except FileNotFoundError:  # removed by a unit starting over
+            continue
+    return found
+
+
+def check_record(record: UnitRecord, fingerprint: str, planned: set[str],
+                 work_dir: Path) -> str | None:
+    """Why a record does not count (None when it does): wrong plan, missing or changed files."""
+    if record.fingerprint != fingerprint:
+        return f"fingerprint {record.fingerprint}, not the planned {fingerprint}"
+    if record.unit_key not in planned:
+        return f"unit {record.unit_key} is not in the plan"
+    if record.status != "done":
+        return None
+    for a in record.artifacts:
+        path = work_dir / a.path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"its file {path} is missing"
+        if size != a.bytes:
+            return f"its file {path} has {size} bytes, the record says {a.bytes}"
+    return None
