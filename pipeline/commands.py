@@ -58,7 +58,7 @@ def work(config: Config, stage: str, shard: int | None = None,
         raise PipelineError("`fsr-pipe stage` runs one stage (or one shard of it); "
                             "`fsr-pipe run all` runs every stage")
     if stage not in stages:
-        raise PipelineError(f"unknown stage(s) {[stage]}; use one of {list(stages)}")
+        raise PipelineError(f"unknown stage(s) {[stage]}; stages: {list(stages)}")
     fp = fingerprints(list(stages.values()), config)[stage]
     path = plan_path(config.work_dir, stage, fp)
     try:

@@ -1,12 +1,20 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 
 import duckdb
 import pytest
 
-from pipeline.catalog import SCHEMA_VERSION, ArtifactRecord, Catalog, ViewSpec
+from pipeline.catalog import (
+    SCHEMA_VERSION,
+    ArtifactRecord,
+    Catalog,
+    CatalogBusy,
+    FailureRecord,
+    MetricRecord,
+    ViewSpec,
+)
+from pipeline.records import UnitRecord
 
 
 def test_schema_is_idempotent_and_versioned(tmp_path):
@@ -54,28 +62,32 @@ def test_plan_is_frozen_once(tmp_path):
     assert catalog.current_fingerprint("s") == "fp1"
 
 
-def test_claim_finish_and_dead_owner_takeover(tmp_path):
+def record(key: str, status: str = "done", artifacts=(), fp: str = "fp", **extra) -> UnitRecord:
+    return UnitRecord("s", fp, key, status, "host", 1, 1, 0.0, 2.0, rows=3,
+                      artifacts=list(artifacts), **extra)
+
+
+def test_ingest_records_replaces_earlier_attempts_and_is_repeatable(tmp_path):
     catalog = Catalog(tmp_path / "c.duckdb")
     catalog.init()
-    catalog.save_plan("s", "fp", META, [("a", {})])
-    assert catalog.claim("s", "a", "fp") == "claimed"
-    # A running mark of a live process on this host is respected...
-    with catalog.transaction() as con:
-        con.execute("UPDATE units SET pid = ? WHERE unit_key = 'a'", [os.getppid()])
-    assert catalog.claim("s", "a", "fp").startswith("busy")
-    # ...one of a dead process is taken over.
-    dead = mp.get_context("fork").Process(target=lambda: None)
-    dead.start()
-    dead.join()
-    with catalog.transaction() as con:
-        con.execute("UPDATE units SET pid = ? WHERE unit_key = 'a'", [dead.pid])
-    assert catalog.claim("s", "a", "fp") == "claimed"
-    path = tmp_path / "x.parquet"
-    path.write_bytes(b"x")
-    catalog.finish("s", "a", "fp", rows=3, seconds=0.1,
-                   artifacts=[ArtifactRecord("k", str(path), 3, 1, "00")])
-    assert catalog.claim("s", "a", "fp") == "done"
-    assert catalog.artifact_paths("s", "fp", "k") == [str(path)]
+    catalog.save_plan("s", "fp", META, [("a", {}), ("b", {})])
+    catalog.ingest([record("a", "failed", error="ValueError: boom")], tmp_path)
+    assert catalog.rows("SELECT unit_key, status, error, attempts FROM units ORDER BY 1") == [
+        ("a", "failed", "ValueError: boom", 1), ("b", "pending", None, 0)]
+    done = record("a", artifacts=[ArtifactRecord("k", "s/fp/a/x.parquet", 3, 1, "00")],
+                  failures=[FailureRecord("gallery", 7, "p.jpg", "unreadable: x")],
+                  metrics=[MetricRecord("m", 1.5, {"style": "sketch"})])
+    for _ in range(2):  # ingesting the same record again leaves the same rows
+        catalog.ingest([done], tmp_path)
+        assert catalog.rows("SELECT status, rows, seconds, error FROM units WHERE "
+                            "unit_key = 'a'") == [("done", 3, 2.0, None)]
+        assert catalog.artifact_paths("s", "fp", "k") == [str(tmp_path / "s/fp/a/x.parquet")]
+        assert catalog.failed_items("s", "fp", "gallery") == {7}
+        assert catalog.rows("SELECT name, value, labels_json FROM metrics") == [
+            ("m", 1.5, '{"style": "sketch"}')]
+    # A record of another fingerprint touches nothing of this plan.
+    catalog.ingest([record("b", fp="other")], tmp_path)
+    assert catalog.unit_status("s", "fp") == {"a": "done", "b": "pending"}
 
 
 def _hammer(path: str, worker: int, n: int) -> None:
@@ -112,10 +124,22 @@ def test_views_bind_before_and_after_files(tmp_path):
     catalog.save_plan("s", "fp", META, [("a", {})])
     path = tmp_path / "it's.parquet"  # a quote in the path must not break the view
     pq.write_table(pa.table({"thing_id": [1, 2], "name": ["x", "y"]}), path)
-    catalog.finish("s", "a", "fp", 2, 0.0, [ArtifactRecord("k", str(path), 2, 1, "00")])
+    catalog.ingest([record("a", artifacts=[ArtifactRecord("k", str(path), 2, 1, "00")])],
+                   tmp_path)
     catalog.refresh_views([spec])
     assert catalog.rows("SELECT sum(thing_id) FROM things") == [(3,)]
     # The file opens in plain duckdb too (no fsr-pipe needed to read results).
     con = duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True)
     assert con.execute("SELECT count(*) FROM things").fetchone() == (2,)
     con.close()
+
+
+def test_a_file_system_without_locks_is_said_at_once(tmp_path, monkeypatch):
+    def no_locks(*args, **kwargs):
+        raise duckdb.IOException(f'Could not set lock on file "{tmp_path}/c.duckdb": '
+                                 "Operation not supported")
+
+    monkeypatch.setattr(duckdb, "connect", no_locks)
+    catalog = Catalog(tmp_path / "c.duckdb", timeout_s=300)
+    with pytest.raises(CatalogBusy, match="does not support file locks.*local disk"):
+        catalog.init()  # at once, not after run.catalog_timeout_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pipeline.arrays import arrow_to_vectors
 from pipeline.catalog import Catalog
 from pipeline.cli import app
 from pipeline.config import load_config
+from pipeline.leases import lease_path, this_host
 from stages import all_stages
 
 STAGES = ["ingest", "prepare", "extract", "cluster"]  # the foundation; train/embed: test_train.py
@@ -107,12 +109,21 @@ def test_outputs_never_overwrite_other_fingerprints(tiny_config):
 def test_stage_needs_its_inputs(tiny_config):
     config = load_config(tiny_config)
     with pytest.raises(commands.PipelineError, match="run `fsr-pipe run prepare` first"):
-        commands.run(config, ["extract"], with_upstream=False, progress=False)
+        commands.run(config, ["extract"], plan_only=True, progress=False)
+    # A worker runs from the plan file the driver writes; without it, it says what to run.
+    with pytest.raises(commands.PipelineError, match="run `fsr-pipe plan extract` once"):
+        commands.work(config, "extract", shard=2, progress=False)
     commands.run(config, ["prepare"], progress=False)
-    reports = commands.run(config, ["extract"], shard=2, with_upstream=False, progress=False)
-    assert ran(reports) == {"extract": 1}
+    commands.run(config, ["extract"], plan_only=True, progress=False)
+    records = commands.work(config, "extract", shard=2, progress=False)
+    assert [(r.unit_key, r.status) for r in records] == [("shard-00002", "done")]
+    assert commands.work(config, "extract", shard=2, progress=False) == []  # done: skipped
     with pytest.raises(commands.PipelineError, match="has no unit shard-00099"):
-        commands.run(config, ["extract"], shard=99, with_upstream=False, progress=False)
+        commands.work(config, "extract", shard=99, progress=False)
+    extract = {s.stage: s for s in commands.status(config)}["extract"]
+    assert (extract.ingested, extract.done, extract.pending) == (1, 1, 3)
+    reports = commands.run(config, ["extract"], progress=False)
+    assert ran(reports) == {"ingest": 0, "prepare": 0, "extract": 3}
 
 
 def test_gram_vectors_are_normalised_and_styles_cluster(tmp_path):
@@ -229,21 +240,23 @@ def test_cli_shards_reset_and_csv(tiny_config):
 def test_reset_refuses_while_a_live_process_runs_a_unit(tiny_config):
     config = load_config(tiny_config)
     commands.run(config, ["prepare"], progress=False)
-    catalog = Catalog.in_dir(config.work_dir)
+    fp = commands.status(config)[1].fingerprint
+    out_dir = config.work_dir / "prepare" / fp
 
-    def mark_running(pid: int) -> None:
-        with catalog.transaction() as con:
-            con.execute("UPDATE units SET status = 'running', host = ?, pid = ? WHERE "
-                        "stage = 'prepare' AND unit_key = 'shard-00001'", [catalog.host, pid])
+    def lease(pid: int) -> None:
+        path = lease_path(out_dir, "shard-00001")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"unit_key": "shard-00001", "host": this_host(), "pid": pid,
+                                    "attempt": 1, "since": 0.0}))
 
-    mark_running(os.getpid())  # alive: this test's process
+    lease(os.getpid())  # alive: this test's process
     with pytest.raises(commands.PipelineError, match=r"cannot reset ingest: 1 unit\(s\) are "
-                       r"being run by live processes on this host: prepare shard-00001"):
+                       r"being run by live workers: prepare shard-00001"):
         commands.reset(config, "ingest")
     assert (config.work_dir / "prepare").is_dir()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    mark_running(gone.pid)  # a dead process's mark does not block
+    lease(gone.pid)  # a dead process's lease does not block
     assert commands.reset(config, "ingest") == ["ingest", *STAGES[1:], "train", "embed",
                                                 "index", "score"]
     assert not (config.work_dir / "prepare").exists()

@@ -80,17 +80,20 @@ def test_a_stopped_run_says_so_and_status_shows_what_resumes(tmp_path, signum, s
     config_path = write_tiny_config(tmp_path, tmp_path / "run", items=40)
     work = tmp_path / "run"
     proc = start_cli(config_path, "run", "all")
-    wait_for(lambda: len(list((work / "extract").rglob("gram_queries.parquet"))) >= 1, proc)
+    # In the middle of a unit: one done, the next one holding its lease.
+    wait_for(lambda: len(list((work / "extract").rglob("gram_queries.parquet"))) >= 1
+             and any((work / "extract").glob("*/_leases/*.json")), proc)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode in (128 + signum, -signum), out
     statuses = dict(Catalog.in_dir(work).rows(
         "SELECT status, count(*) FROM units WHERE stage = 'extract' GROUP BY ALL"))
     extract = {s.stage: s for s in commands.status(load_config(config_path))}["extract"]
-    assert extract.running == 0 and extract.done + extract.pending + extract.failed == 10
-    if said is None:  # SIGKILL: no last word; status counts the dead process's unit as pending
-        assert statuses.get("running") == 1, statuses
-        assert "interrupted" in extract.notes
+    assert extract.running == 0
+    assert extract.done + extract.pending + extract.lost + extract.failed == 10
+    if said is None:  # SIGKILL: no last word; its lease names a dead process: lost
+        assert statuses.get("running") is None and extract.lost == 1, (statuses, extract)
+        assert "1 unit(s) lost" in extract.notes
     else:  # the unit is marked failed (not left `running`) and the user told how to go on
         assert "running" not in statuses and statuses.get("failed") == 1, statuses
         assert f"error: {said}; finished units are kept" in out and "Traceback" not in out, out
@@ -101,16 +104,41 @@ def test_a_stopped_run_says_so_and_status_shows_what_resumes(tmp_path, signum, s
     assert commands.status(load_config(config_path))[2].done == 10
 
 
-def test_concurrent_shard_processes_all_land(tmp_path):
+def _hold_catalog(path: str, started, stop) -> None:  # noqa: ANN001 - mp events
+    import duckdb
+
+    con = duckdb.connect(path)  # a writer: no other process can open the file now
+    started.set()
+    stop.wait(300)
+    con.close()
+
+
+def test_shard_workers_never_open_the_catalog(tmp_path):
+    """Workers run while another process holds catalog.duckdb for writing; the next `status`
+    ingests their records."""
+    import multiprocessing as mp
+
     config_path = write_tiny_config(tmp_path, tmp_path / "run", items=16)
     config = load_config(config_path)
     commands.run(config, ["prepare"], progress=False)
-    procs = [start_cli(config_path, "stage", "extract", "--shard", str(i)) for i in range(4)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+    commands.run(config, ["extract"], plan_only=True, progress=False)
+    ctx = mp.get_context("spawn")
+    started, stop = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_catalog,
+                         args=(str(config.work_dir / "catalog.duckdb"), started, stop))
+    holder.start()
+    try:
+        assert started.wait(60)
+        procs = [start_cli(config_path, "stage", "extract", "--shard", str(i))
+                 for i in range(4)]
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+    finally:
+        stop.set()
+        holder.join(60)
+    extract = {s.stage: s for s in commands.status(config)}["extract"]
+    assert (extract.ingested, extract.done, extract.pending) == (4, 4, 0)
     catalog = Catalog.in_dir(config.work_dir)
-    assert catalog.rows("SELECT count(*) FROM units WHERE stage = 'extract' "
-                        "AND status = 'done'") == [(4,)]
     reports = commands.run(config, ["cluster"], progress=False)
     assert {r.stage: r.ran for r in reports}["extract"] == 0
     assert catalog.rows("SELECT count(*) FROM gram_features") == [(48,)]

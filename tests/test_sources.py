@@ -338,10 +338,10 @@ def test_folder_too_many_bad_photos_stop_the_run(tmp_path: Path, cli: CliRunner)
     assert len(failures(catalog_of(config_path), "prepare")) == len(BAD)
     prepare = commands.status(load_config(config_path))[1]
     assert prepare.failed == 0 and "5 of 12 gallery items are bad inputs" in prepare.notes
-    # `stage extract` (a scheduler's array task) refuses too: prepare's units are all done,
-    # but what they produced is over the limit.
+    # `plan extract` (before a scheduler's array tasks) refuses too: prepare's units are all
+    # done, but what they produced is over the limit.
     with pytest.raises(commands.PipelineError, match="stage prepare: 5 of 12 gallery items"):
-        commands.run(load_config(config_path), ["extract"], with_upstream=False, progress=False)
+        commands.run(load_config(config_path), ["extract"], plan_only=True, progress=False)
     # 41.67% of the photos is over a 30% limit (with queries counted as items it passed).
     with pytest.raises(commands.PipelineError, match=r"\(41.67%, over data.max_failure_ratio"):
         commands.run(load_config(config_path, ["data.max_failure_ratio=0.3"]), ["extract"],

@@ -452,10 +452,12 @@ def test_embed_shard_processes_all_land(shared):
     assert ran(commands.run(config, ["train"], progress=False)) == nothing_ran(*STAGES[:5])
     catalog = Catalog.in_dir(config.work_dir)
     shards = catalog.rows("SELECT count(*) FROM current_units WHERE stage = 'prepare'")[0][0]
+    commands.run(config, ["embed"], plan_only=True, progress=False)
     procs = [start_cli(shared, "stage", "embed", "--shard", str(i), *set_args(overrides))
              for i in range(shards)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * shards, outputs
+    assert {s.stage: s for s in commands.status(config)}["embed"].ingested == shards
     assert catalog.rows("SELECT count(*), sum(rows) FROM units WHERE stage = 'embed' AND "
                         "status = 'done' AND fingerprint = ?",
                         [fingerprints(all_stages(), config)["embed"]]) == [(shards, ITEMS)]

@@ -2,7 +2,8 @@
 
 Workers are spawned (not forked: torch and OpenMP threads do not survive a fork) and live for
 the whole run, so each loads its models once. Each gets `CUDA_VISIBLE_DEVICES` of its own GPU
-(when there are GPUs) and an equal share of the CPU cores for torch. A worker that dies (kill,
+(when there are GPUs) and an equal share of the CPU cores for torch (all of them when a stage
+has a single unit). A worker that dies (kill,
 out of memory) breaks the pool: the jobs it and its siblings had not finished come back as
 lost, and the driver retries them on a fresh pool.
 """
@@ -65,10 +66,14 @@ def _init_worker(gpu_slots, threads: int) -> None:  # noqa: ANN001
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-def _run(job_json: str) -> str:
-    """In a worker: run the job; the record's JSON goes back (failed ones too)."""
+def _run(job_json: str, threads: int) -> str:
+    """In a worker: run the job on `threads` torch threads; the record's JSON goes back
+    (failed ones too)."""
+    import torch
+
     from pipeline.worker import run_job
 
+    torch.set_num_threads(threads)
     job = Job.from_json(job_json)
     try:
         return run_job(job).to_json()
@@ -108,7 +113,11 @@ class LocalExecutor(Executor):
         from pipeline.records import UnitRecord
 
         pool = self._start()
-        futures: dict[Future, Job] = {pool.submit(_run, job.to_json()): job for job in jobs}
+        # Fewer jobs than workers (train, index, score: one unit each) get the idle workers'
+        # cores: a one-unit stage runs on every core, as inline, with the same numerics.
+        threads = max(1, (os.cpu_count() or 1) // min(self.workers, len(jobs)))
+        futures: dict[Future, Job] = {pool.submit(_run, job.to_json(), threads): job
+                                      for job in jobs}
         try:
             pending = set(futures)
             while pending:
@@ -116,11 +125,14 @@ class LocalExecutor(Executor):
                 for future in done:
                     job = futures[future]
                     try:
-                        finished(Outcome(job, UnitRecord.from_json(future.result())))
+                        record = UnitRecord.from_json(future.result())
                     except BrokenProcessPool as exc:
                         self._broken(job, exc, finished)
+                        continue
                     except Exception as exc:  # noqa: BLE001 - the worker died mid-way
                         finished(Outcome(job, None, f"{type(exc).__name__}: {exc}"))
+                        continue
+                    finished(Outcome(job, record))  # raises on a failed unit: we stop
         except BaseException:
             self.close(terminate=True)
             raise
@@ -129,9 +141,14 @@ class LocalExecutor(Executor):
 
     def _broken(self, job: Job, exc: BaseException, finished: Finished) -> None:
         out_dir = Path(job.load_config().work_dir) / job.stage / job.fingerprint
-        record = read_own_record(job, out_dir)  # it may have finished just before
-        finished(Outcome(job, record, None if record else
-                         f"worker process died (killed or out of memory): {exc}"))
+        # It may have finished just before. A failed record here is a sibling the broken pool
+        # terminated mid-unit (SIGTERM), not an error of the unit: redo it.
+        record = read_own_record(job, out_dir)
+        if record is not None and record.status == "done":
+            finished(Outcome(job, record))
+        else:
+            finished(Outcome(job, None, f"worker process died (killed or out of memory): "
+                             f"{exc}"))
 
     def close(self, terminate: bool = False) -> None:
         pool, self._pool = self._pool, None

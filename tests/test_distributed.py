@@ -1,0 +1,201 @@
+"""Records, leases and the local executor: the driver as the catalog's only writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_tiny_config
+from test_resume import results
+
+from pipeline import commands
+from pipeline.artifacts import remove_stale_tmp
+from pipeline.catalog import Catalog
+from pipeline.config import load_config
+from pipeline.executors.local import LocalExecutor
+from pipeline.leases import HOST_ENV, Holding, read_leases
+from pipeline.progress import ProgressBoard
+from pipeline.records import read_records
+from pipeline.runner import Runner, fingerprints
+from pipeline.stage import PipelineError
+from stages import all_stages
+
+
+TIMINGS = ("queries_per_s",)  # measured speeds, not results
+
+
+def parquet_files(work_dir: Path) -> dict[str, object]:
+    """Every Parquet file under a run directory (relative path -> table, timings dropped)."""
+    tables = {}
+    for path in sorted(work_dir.rglob("*.parquet")):
+        table = pq.read_table(path)
+        if "path" in table.column_names:  # image paths: under each run's own work dir
+            rel = [p and os.path.relpath(p, work_dir) for p in table["path"].to_pylist()]
+            table = table.set_column(table.column_names.index("path"), "path", pa.array(rel))
+        tables[str(path.relative_to(work_dir))] = table.drop_columns(
+            [c for c in TIMINGS if c in table.column_names])
+    return tables
+
+
+def assert_same_results(work: Path, reference: Path) -> None:
+    expected, got = results(reference), results(work)
+    for view in expected:
+        assert got[view].equals(expected[view]), f"{view} differs from the inline run"
+    ours, theirs = parquet_files(work), parquet_files(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].equals(theirs[name]), f"{name} differs from the inline run"
+
+
+def out_dir(config, stage: str) -> Path:
+    return config.work_dir / stage / fingerprints(all_stages(), config)[stage]
+
+
+def test_local_executor_gives_the_inline_results(tmp_path):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pool").mkdir()
+    inline = load_config(write_tiny_config(tmp_path / "ref", tmp_path / "ref" / "run"))
+    commands.run(inline, ["all"], progress=False)
+    pool = load_config(write_tiny_config(tmp_path / "pool", tmp_path / "pool" / "run"),
+                       ['run.executor="local"', "run.workers=2"])
+    reports = commands.run(pool, ["all"], progress=False)
+    assert sum(r.ran for r in reports) == sum(r.units for r in reports)
+    assert_same_results(pool.work_dir, inline.work_dir)
+    assert not list(pool.work_dir.rglob("_leases/*.json")), "leases left behind"
+    assert not list(pool.work_dir.rglob("*.tmp.*")), "temporary files left behind"
+
+
+def _kill_first_worker(lease_dir_of, done: threading.Event) -> None:  # noqa: ANN001
+    """SIGKILL the process holding the first lease that appears (a worker dying mid-unit)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not done.is_set():
+        folder = lease_dir_of()
+        leases = read_leases(folder) if folder else {}
+        for lease in leases.values():
+            if lease.pid != os.getpid():
+                os.kill(lease.pid, signal.SIGKILL)
+                return
+        time.sleep(0.01)
+
+
+def test_a_killed_local_worker_is_retried(tmp_path):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pool").mkdir()
+    inline = load_config(write_tiny_config(tmp_path / "ref", tmp_path / "ref" / "run"))
+    commands.run(inline, ["extract"], progress=False)
+    config = load_config(write_tiny_config(tmp_path / "pool", tmp_path / "pool" / "run"),
+                         ['run.executor="local"', "run.workers=2"])
+    commands.run(config, ["prepare"], progress=False)
+    extract_dir = out_dir(config, "extract")
+    done = threading.Event()
+    killer = threading.Thread(target=_kill_first_worker, args=(lambda: extract_dir, done))
+    killer.start()
+    try:
+        with ProgressBoard(False) as board:
+            runner = Runner(config, all_stages(), board,
+                            executor=LocalExecutor(2, config.run.device))
+            reports = runner.run(["extract"])
+    finally:
+        done.set()
+        killer.join()
+    extract = {r.stage: r for r in reports}["extract"]
+    assert extract.retried >= 1 and extract.ran == 4, extract
+    catalog = Catalog.in_dir(config.work_dir)
+    assert catalog.rows("SELECT count(*) FROM units WHERE stage = 'extract' AND "
+                        "status = 'done'") == [(4,)]
+    ours = {k: v for k, v in parquet_files(config.work_dir).items() if k.startswith("extract")}
+    theirs = {k: v for k, v in parquet_files(inline.work_dir).items() if k.startswith("extract")}
+    assert ours.keys() == theirs.keys() and all(ours[k].equals(theirs[k]) for k in ours)
+
+
+def test_an_application_error_stops_the_run_without_retries(tmp_path):
+    config = load_config(write_tiny_config(tmp_path, tmp_path / "run"),
+                         ['run.executor="local"', "run.workers=1", "cluster.k=500"])
+    with pytest.raises(PipelineError, match=r"stage cluster: unit all failed on .*cluster\.k"):
+        commands.run(config, ["cluster"], progress=False)
+    rows = Catalog.in_dir(config.work_dir).rows(
+        "SELECT status, attempts, error FROM units WHERE stage = 'cluster'")
+    assert len(rows) == 1 and rows[0][:2] == ("failed", 1) and "cluster.k" in rows[0][2]
+
+
+def test_two_hosts_keep_their_hands_off_each_others_temp_files(tmp_path, monkeypatch):
+    plan_dir = tmp_path / "extract" / "fp"
+    unit = plan_dir / "shard-00001"
+    unit.mkdir(parents=True)
+    old = time.time() - 3600
+    # Host B's unit is alive (fresh lease): its temp file stays, even though its pid means
+    # nothing here and the file is old.
+    monkeypatch.setenv(HOST_ENV, "node-b")
+    with Holding(plan_dir, "shard-00001", 1, heartbeat_s=60):
+        live = unit / ".gram_queries.parquet.tmp.node-b.4242"
+        live.write_bytes(b"x")
+        os.utime(live, (old, old))
+        monkeypatch.setenv(HOST_ENV, "node-a")
+        mine_dead = unit / ".gram_gallery.parquet.tmp.node-a.999999999"
+        mine_dead.write_bytes(b"x")
+        assert remove_stale_tmp(plan_dir, read_leases(plan_dir), lease_s=120) == 1
+        assert live.exists() and not mine_dead.exists()
+        monkeypatch.setenv(HOST_ENV, "node-b")
+    # Its unit ended (no lease): a leftover of host B older than the lease goes; a fresh one
+    # (a unit that may be starting right now) stays.
+    monkeypatch.setenv(HOST_ENV, "node-a")
+    fresh = unit / ".other.parquet.tmp.node-b.4243"
+    fresh.write_bytes(b"x")
+    assert remove_stale_tmp(plan_dir, read_leases(plan_dir), lease_s=120) == 1
+    assert not live.exists() and fresh.exists()
+
+
+def _remote_lease(path: Path, heartbeat: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"unit_key": path.stem, "host": "node-b", "pid": 1,
+                                "attempt": 1, "since": heartbeat}))
+    os.utime(path, (heartbeat, heartbeat))
+
+
+def test_a_dead_remote_unit_is_lost_after_its_lease_and_redone(tmp_path):
+    config = load_config(write_tiny_config(tmp_path, tmp_path / "run"), ["run.lease_s=60"])
+    commands.run(config, ["prepare"], progress=False)
+    commands.run(config, ["extract"], plan_only=True, progress=False)
+    lease = out_dir(config, "extract") / "_leases" / "shard-00002.json"
+    _remote_lease(lease, time.time())  # node-b runs shard 2 and heartbeats
+    extract = {s.stage: s for s in commands.status(config)}["extract"]
+    assert (extract.running, extract.lost, extract.pending) == (1, 0, 3)
+    assert extract.running_on[0].startswith("shard-00002 on node-b pid 1 since")
+    with pytest.raises(PipelineError, match=r"1 unit\(s\) are being run by other processes: "
+                                            r"shard-00002 \(node-b:1\)"):
+        commands.run(config, ["extract"], progress=False)
+    assert not (out_dir(config, "extract") / "shard-00002").exists()  # left alone
+    _remote_lease(lease, time.time() - 61)  # node-b went silent a lease ago
+    extract = {s.stage: s for s in commands.status(config)}["extract"]
+    assert (extract.running, extract.lost, extract.done) == (0, 1, 3)
+    assert "1 unit(s) lost" in extract.notes
+    reports = commands.run(config, ["extract"], progress=False)
+    assert {r.stage: r.ran for r in reports}["extract"] == 1
+    assert not lease.exists()
+
+
+def test_records_that_do_not_match_their_files_do_not_count(tmp_path, caplog):
+    config = load_config(write_tiny_config(tmp_path, tmp_path / "run"))
+    commands.run(config, ["prepare"], progress=False)
+    commands.run(config, ["extract"], plan_only=True, progress=False)
+    records = commands.work(config, "extract", progress=False)
+    assert len(records) == 4
+    folder = out_dir(config, "extract")
+    (folder / "shard-00000" / "gram_queries.parquet").unlink()  # a file gone
+    with open(folder / "shard-00001" / "gram_gallery.parquet", "ab") as handle:
+        handle.write(b"junk")  # a file changed
+    record = folder / "_records" / "shard-00002.json"  # another plan's record
+    record.write_text(record.read_text().replace(folder.name, "0" * 16))
+    extract = {s.stage: s for s in commands.status(config)}["extract"]
+    assert (extract.ingested, extract.done, extract.pending) == (1, 1, 3)
+    assert "is missing" in caplog.text and "the record says" in caplog.text
+    reports = commands.run(config, ["extract"], progress=False)
+    assert {r.stage: r.ran for r in reports}["extract"] == 3
+    assert {r.unit_key for r in read_records(folder)} == {f"shard-0000{i}" for i in range(4)}
