@@ -6,7 +6,7 @@
 
 For every size, one subprocess sets the demo run up (ingest .. train, not measured) and a
 fresh one then runs only the real embed stage over all shards
-(`commands.run(config, ["embed"], with_upstream=False)`), so the peak RSS it reports is the
+(`commands.run(config, ["embed"])`, its inputs done), so the peak RSS it reports is the
 stage's own: `ru_maxrss` of the stage process (= VmHWM) and, separately, the largest of its
 DataLoader worker processes (RUSAGE_CHILDREN). The stage streams shard by shard, so both
 should be the same for both sizes: the number of shards grows 10x, batch and shard stay.
@@ -73,7 +73,7 @@ def child(args: argparse.Namespace) -> None:
     commands.reset(config, "embed")
     before = status_kib("VmRSS")
     started = time.perf_counter()
-    reports = commands.run(config, ["embed"], with_upstream=False, progress=False)
+    reports = commands.run(config, ["embed"], progress=False)[-1:]  # upstream: done
     seconds = time.perf_counter() - started
     rows = commands.sql(config, "SELECT count(*) FROM gallery_embeddings")[0][0].as_py()
     print(json.dumps({

@@ -8,7 +8,7 @@ Sets up a demo run (the shipped pipeline.toml with the CLI's values and `train.e
 the weights do not matter for speed) and runs every stage up to `train`. Then, in this one
 process and after a warm-up of each side:
 
-- stage: `commands.run(config, ["embed"], with_upstream=False)` over all shards, images/s from
+- stage: `commands.run(config, ["embed"])` (its inputs done) over all shards, images/s from
   its wall time (model build, decoding, catalog writes and Parquet writes included), plus
   the per-shard `images_per_s` metrics it records in the catalog;
 - bare: the same model objects the stage builds, on gallery tensors decoded beforehand (not
@@ -43,11 +43,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing it
 
 from pipeline import commands  # noqa: E402
+from pipeline.catalog import Catalog  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data.loader import ImageItem, ImageItems, collate  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402
 from pipeline.progress import ProgressBoard  # noqa: E402
-from pipeline.runner import Runner  # noqa: E402
+from pipeline.runner import Runner, upstream_inputs  # noqa: E402
 from pipeline.training import autocast  # noqa: E402
 from stages import all_stages  # noqa: E402
 from stages.embed import encode_batch  # noqa: E402
@@ -81,14 +82,15 @@ def embed_context(config: Config):
     """(embed stage, its context) as the runner builds them for this config."""
     runner = Runner(config, all_stages(), ProgressBoard(False))
     stage = next(s for s in runner.stages if s.name == "embed")
-    return stage, runner.context(stage)
+    inputs = upstream_inputs(runner.catalog, stage, runner.fingerprints, config.work_dir)
+    return stage, runner.context(stage, inputs)
 
 
 def predecode(config: Config) -> list[list[torch.Tensor]]:
     """Gallery pixels per shard, cut into batches as the stage's loader cuts them."""
     stage, ctx = embed_context(config)
     shards = []
-    for unit in ctx.catalog.units("prepare", ctx.inputs["prepare"]):
+    for unit in ctx.input_units("prepare"):
         table = pq.read_table(ctx.input_path("prepare", "gallery", unit.key),
                               columns=["image_id", "path"])
         items = [ImageItem("gallery", i, p) for i, p in zip(table["image_id"].to_pylist(),
@@ -154,10 +156,10 @@ def time_stage(config: Config) -> tuple[Timing, list[float]]:
     """Embed every shard through the runner (after forgetting earlier embed results)."""
     commands.reset(config, "embed")
     clock = Clock()
-    commands.run(config, ["embed"], with_upstream=False, progress=False)
+    commands.run(config, ["embed"], progress=False)
     timing = clock.stop(0)
     stage, ctx = embed_context(config)
-    rows = ctx.catalog.rows(
+    rows = Catalog.in_dir(config.work_dir).rows(
         "SELECT u.rows, m.value FROM units u JOIN metrics m USING (stage, unit_key, fingerprint) "
         "WHERE u.stage = ? AND u.fingerprint = ? AND m.name = 'images_per_s' "
         "ORDER BY u.unit_key", ["embed", ctx.fingerprint])
@@ -223,7 +225,8 @@ def run_benchmark(config: Config, args: argparse.Namespace) -> None:
 
     # Warm-up: one shard through the stage, one batch through the bare loop.
     commands.reset(config, "embed")
-    commands.run(config, ["embed"], shard=0, with_upstream=False, progress=False)
+    commands.run(config, ["embed"], plan_only=True, progress=False)
+    commands.work(config, "embed", shard=0, progress=False)
     bare_loop(config, shards, models, limit=1)
 
     print(f"{'workers':>7} {'rep':>3} {'stage img/s':>11} {'bare img/s':>10} {'ratio':>6} "

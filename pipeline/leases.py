@@ -109,4 +109,20 @@ class Holding:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.path.unlink(missing_ok=True)
+        holder = read_leases(self.path.parent.parent).get(self.lease.unit_key)
+        if holder is None or (holder.host, holder.pid) == (self.lease.host, self.lease.pid):
+            self.path.unlink(missing_ok=True)  # never another worker's lease
+
+
+class UnitBusy(RuntimeError):
+    """Another live worker holds the unit's lease: this one must not run it too."""
+
+
+def check_free(out_dir: Path, unit_key: str, lease_s: float) -> None:
+    """Raise UnitBusy if a live worker other than this process holds the unit's lease."""
+    lease = read_leases(out_dir).get(unit_key)
+    if lease is None or (lease.host, lease.pid) == (this_host(), os.getpid()):
+        return
+    if lease.state(lease_s) == "alive":
+        raise UnitBusy(f"unit {unit_key} is being run by {lease.host} (pid {lease.pid}, "
+                       f"attempt {lease.attempt}); not running it twice")

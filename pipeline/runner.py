@@ -139,9 +139,9 @@ def ingest_records(catalog: Catalog, stage: str, fingerprint: str, work_dir: Pat
     out_dir = work_dir / stage / fingerprint
     if records is None:
         records = read_records(out_dir, skip={k for k, s in status.items() if s == "done"})
-    good = []
+    good, planned = [], set(status)
     for record in records:
-        why = check_record(record, fingerprint, set(status), work_dir)
+        why = check_record(record, fingerprint, planned, work_dir)
         if why:
             log.warning("%s %s: record ignored (%s); the unit is redone", stage,
                         record.unit_key, why)

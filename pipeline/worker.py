@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -19,7 +20,7 @@ from pathlib import Path
 from pipeline.artifacts import remove_stale_tmp
 from pipeline.catalog import MetricRecord, UnitRow
 from pipeline.jobs import Job, read_plan
-from pipeline.leases import Holding, this_host
+from pipeline.leases import Holding, UnitBusy, check_free, this_host
 from pipeline.records import UnitRecord, record_path, relative_artifacts, write_record
 from pipeline.stage import PipelineError, Stage, StageContext
 
@@ -69,11 +70,15 @@ def run_job(job: Job, progress: Progress = no_progress) -> UnitRecord:
             f"driver planned {job.fingerprint}; run the same fsr-pipe version and config on "
             "every node")
     out_dir = ctx.out_dir
+    try:
+        check_free(out_dir, job.unit_key, ctx.config.run.lease_s)  # before touching its files
+    except UnitBusy as exc:
+        raise PipelineError(str(exc)) from None
     record_path(out_dir, job.unit_key).unlink(missing_ok=True)  # an earlier attempt's
     remove_stale_tmp(out_dir / job.unit_key)
     started = time.time()
     base = dict(stage=job.stage, fingerprint=job.fingerprint, unit_key=job.unit_key,
-                host=this_host(), pid=_pid(), attempt=job.attempt, started_at=started)
+                host=this_host(), pid=os.getpid(), attempt=job.attempt, started_at=started)
     with Holding(out_dir, job.unit_key, job.attempt, ctx.config.run.heartbeat_s):
         try:
             result = stage.run(ctx, UnitRow(job.stage, job.unit_key, job.fingerprint,
@@ -94,12 +99,6 @@ def run_job(job: Job, progress: Progress = no_progress) -> UnitRecord:
     log.info("%s %s: %d rows (%d bad inputs) in %.1fs -> %s", job.stage, job.unit_key,
              record.rows, len(record.failures), record.seconds, out_dir / job.unit_key)
     return record
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def run_job_file(path: Path, units: list[str] | None = None) -> list[UnitRecord]:

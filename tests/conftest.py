@@ -11,7 +11,8 @@ from pathlib import Path
 # torch and faiss both load an OpenMP runtime; busy-waiting threads of one slow the other
 # several-fold on 2 cores. Must be set before either is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import pipeline  # noqa: E402,F401 - sets MKL_CBWR before torch loads MKL
+# As pipeline/__init__.py does (torch is imported here first): MKL's reproducible mode.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

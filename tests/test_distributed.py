@@ -20,13 +20,14 @@ from pipeline.artifacts import remove_stale_tmp
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
 from pipeline.executors.local import LocalExecutor
+from pipeline.jobs import Job
 from pipeline.leases import HOST_ENV, Holding, read_leases
 from pipeline.progress import ProgressBoard
 from pipeline.records import read_records
 from pipeline.runner import Runner, fingerprints
 from pipeline.stage import PipelineError
+from pipeline.worker import run_job
 from stages import all_stages
-
 
 TIMINGS = ("queries_per_s",)  # measured speeds, not results
 
@@ -199,3 +200,22 @@ def test_records_that_do_not_match_their_files_do_not_count(tmp_path, caplog):
     reports = commands.run(config, ["extract"], progress=False)
     assert {r.stage: r.ran for r in reports}["extract"] == 3
     assert {r.unit_key for r in read_records(folder)} == {f"shard-0000{i}" for i in range(4)}
+
+
+def test_a_worker_never_runs_a_unit_another_live_worker_holds(tmp_path):
+    config = load_config(write_tiny_config(tmp_path, tmp_path / "run"))
+    commands.run(config, ["prepare"], progress=False)
+    commands.run(config, ["extract"], plan_only=True, progress=False)
+    folder = out_dir(config, "extract")
+    lease = folder / "_leases" / "shard-00001.json"
+    _remote_lease(lease, time.time())
+    plan = folder / "_plan.json"
+    job = Job.of(config, plan, "shard-00001", {}, "extract", folder.name)
+    with pytest.raises(PipelineError, match="being run by node-b .*not running it twice"):
+        run_job(job)
+    assert lease.exists() and not (folder / "_records" / "shard-00001.json").exists()
+    # A worker whose unit was taken over (its lease lost, then renewed by another) leaves the
+    # new holder's lease in place when it ends.
+    with Holding(folder, "shard-00002", 1, heartbeat_s=60):
+        _remote_lease(folder / "_leases" / "shard-00002.json", time.time())
+    assert (folder / "_leases" / "shard-00002.json").exists()

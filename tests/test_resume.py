@@ -36,13 +36,16 @@ def results(work_dir: Path) -> dict[str, pa.Table]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_identical_results(tmp_path):
+@pytest.mark.parametrize("executor", ["inline", "local"])
+def test_sigkill_then_resume_gives_identical_results(tmp_path, executor):
     (tmp_path / "ref").mkdir()
     reference = write_tiny_config(tmp_path / "ref", tmp_path / "ref" / "run", items=40)
     commands.run(load_config(reference), ["all"], progress=False)
 
     (tmp_path / "killed").mkdir()
     config = write_tiny_config(tmp_path / "killed", tmp_path / "killed" / "run", items=40)
+    config.write_text(config.read_text().replace(
+        "[run]\n", f'[run]\nexecutor = "{executor}"\nworkers = 2\n', 1))
     work = tmp_path / "killed" / "run"
     kill_points = [
         lambda: len(list((work / "prepare").rglob("queries.parquet"))) >= 2,

@@ -51,7 +51,19 @@ def _on_term(signum, frame):  # noqa: ANN001, ANN202, ARG001
     raise _Terminated()
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the driver dies (even by SIGKILL), so no
+    orphan goes on holding a lease the next run would have to wait for."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: orphans finish their unit, then exit
+        pass
+
+
 def _init_worker(gpu_slots, threads: int) -> None:  # noqa: ANN001
+    _die_with_parent()
     # Ctrl-C reaches the whole process group: the driver decides, then terminates workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_term)

@@ -117,8 +117,8 @@ class UnitWorker:
     """The actor's class (made remote in `RayExecutor._actor_class`): a worker process that
     runs units one at a time; its stage instances and their models live as long as it does."""
 
-    def __init__(self, threads: int) -> None:
-        init_actor(threads)
+    def __init__(self, threads: int, log_level: int) -> None:
+        init_actor(threads, log_level)
 
     def run(self, job_json: str, threads: int) -> str:
         """Run the job on `threads` torch threads; its record's JSON goes back (failed ones
@@ -138,8 +138,9 @@ class UnitWorker:
             return record.to_json()
 
 
-def init_actor(threads: int) -> None:
-    """In an actor: `pipeline` first (MKL_CBWR, before torch loads MKL), torch threads, logs."""
+def init_actor(threads: int, log_level: int) -> None:
+    """In an actor: `pipeline` first (MKL_CBWR, before torch loads MKL), torch threads, logs
+    (Ray shows them on the driver's stderr) at the driver's level."""
     import pipeline  # noqa: F401, I001 - loading this module did it already; must stay first
     import torch
 
@@ -147,7 +148,7 @@ def init_actor(threads: int) -> None:
     logging.basicConfig(level=logging.WARNING, force=True,
                         format="%(asctime)s %(levelname)s %(message)s")
     for name in ("pipeline", "stages"):
-        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).setLevel(log_level)
 
 
 class RayExecutor(Executor):
@@ -178,8 +179,9 @@ class RayExecutor(Executor):
                      _node_ip_address="127.0.0.1", configure_logging=False,
                      log_to_driver=True)
         self.started = True
-        log.info("ray: %s cluster, resources %s", "connected to the" if address else "a local",
-                 self.ray.cluster_resources())
+        resources = self.ray.cluster_resources()
+        log.info("ray: %s cluster of %d CPU(s), %d GPU(s)", address or "a local",
+                 resources.get("CPU", 0), resources.get("GPU", 0))
 
     def _nodes(self) -> list[dict[str, float]]:
         return [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
@@ -201,8 +203,9 @@ class RayExecutor(Executor):
 
     def _new_actor(self) -> Any:
         assert self.shape is not None
-        actor = self._actor_class().options(num_cpus=self.shape.cpus,
-                                            num_gpus=self.shape.gpus).remote(self.shape.cpus)
+        level = logging.getLogger("pipeline").getEffectiveLevel()  # -q: warnings only
+        actor = self._actor_class().options(num_cpus=self.shape.cpus, num_gpus=self.shape.gpus
+                                            ).remote(self.shape.cpus, level)
         self.actors.append(actor)
         return actor
 
@@ -219,15 +222,18 @@ class RayExecutor(Executor):
     def _drop(self, actor: Any) -> None:
         if actor in self.actors:
             self.actors.remove(actor)
-        self.ray.kill(actor, no_restart=True)
+        self._kill(actor)
+
+    def _kill(self, actor: Any) -> None:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception as exc:  # noqa: BLE001 - gone already, or Ray shut down
+            log.debug("ray: kill %s: %s", actor, exc)
 
     def kill_actors(self) -> None:
         actors, self.actors, self.in_flight = self.actors, [], {}
         for actor in actors:
-            try:
-                self.ray.kill(actor, no_restart=True)
-            except Exception as exc:  # noqa: BLE001 - gone already, or Ray shut down
-                log.debug("ray: kill %s: %s", actor, exc)
+            self._kill(actor)
 
     # The executor
 

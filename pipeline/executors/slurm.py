@@ -81,8 +81,9 @@ def next_number(folder: Path, stage: str, fingerprint: str) -> int:
 def sbatch_options(slurm: SlurmConfig, stage: str, tasks: int, log_dir: Path) -> list[str]:
     """The script's #SBATCH options (without the prefix), from the [slurm] section."""
     options = [f"--job-name=fsr-{stage}", f"--array=0-{tasks - 1}",
-               f"--output={log_dir}/%x-%A_%a.out", f"--cpus-per-task={slurm.cpus_per_task}",
-               f"--time={slurm.time}"]
+               f"--output={log_dir}/%x-%A_%a.out", f"--cpus-per-task={slurm.cpus_per_task}"]
+    if slurm.time:
+        options.append(f"--time={slurm.time}")
     if slurm.partition:
         options.append(f"--partition={slurm.partition}")
     if slurm.mem:
@@ -260,7 +261,7 @@ class SlurmExecutor(Executor):
                 raise PipelineError(
                     f"`{tool}` is not on PATH: run.executor = slurm needs a Slurm login node "
                     "(or use --executor local)")
-        self._sacct_array = True  # sacct --array (Slurm 23.02+); dropped if sacct rejects it
+        self._sacct_array = True  # sacct --array (newer Slurm); dropped if sacct rejects it
 
     def run(self, jobs: Sequence[Job], finished: Finished) -> None:
         if not jobs:
