@@ -7,15 +7,15 @@ CREATE OR REPLACE VIEW current_units AS
 SELECT u.*
 FROM units u JOIN stages s ON u.stage = s.stage AND u.fingerprint = s.fingerprint;
 
--- One row per stage: progress of the current plan, in pipeline order (the list is
--- pipeline.commands.STAGE_NAMES; tests/test_catalog.py checks they agree).
+-- One row per stage: progress of the current plan as far as the driver has ingested unit
+-- records, in pipeline order (the list is pipeline.commands.STAGE_NAMES; tests/test_catalog.py
+-- checks they agree). Running and lost units live in lease files: `fsr-pipe status` shows them.
 CREATE OR REPLACE VIEW stage_summary AS
 SELECT
     s.stage,
     s.fingerprint,
     count(u.unit_key) FILTER (WHERE u.status = 'done')    AS done,
     count(u.unit_key) FILTER (WHERE u.status = 'pending') AS pending,
-    count(u.unit_key) FILTER (WHERE u.status = 'running') AS running,
     count(u.unit_key) FILTER (WHERE u.status = 'failed')  AS failed,
     coalesce(sum(u.rows), 0)                              AS rows,
     coalesce(sum(u.seconds), 0)                           AS seconds,

@@ -85,13 +85,19 @@ def write_plan(plan: StagePlan, work_dir: Path) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=16)
 def read_plan(path: str) -> StagePlan:
-    """A plan file (cached: a worker process reads each plan once)."""
+    """A plan file (cached: a worker process reads each plan once, unless it is rewritten:
+    `fsr-pipe reset` then a new run)."""
     try:
-        return StagePlan.from_json(Path(path).read_text())
+        stamp = Path(path).stat().st_mtime_ns
     except FileNotFoundError:
         raise PlanMissing(path) from None
+    return _read_plan(path, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_plan(path: str, stamp: int) -> StagePlan:
+    return StagePlan.from_json(Path(path).read_text())
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,11 @@ def check_free(out_dir: Path, unit_key: str, lease_s: float) -> None:
     if lease.state(lease_s) == "alive":
         raise UnitBusy(f"unit {unit_key} is being run by {lease.host} (pid {lease.pid}, "
                        f"attempt {lease.attempt}); not running it twice")
+
+
+def release(out_dir: Path, unit_key: str, attempt: int) -> None:
+    """Delete the lease of an attempt the executor saw end (its worker is gone: killed, actor
+    or Slurm task ended), so the retry need not wait `run.lease_s` for it to look lost."""
+    lease = read_leases(out_dir).get(unit_key)
+    if lease is not None and lease.attempt == attempt:
+        lease_path(out_dir, unit_key).unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.executors import Executor, Outcome, make_executor
 from pipeline.jobs import Inputs, Job, StagePlan, plan_path, write_plan
-from pipeline.leases import read_leases
+from pipeline.leases import read_leases, release
 from pipeline.progress import ProgressBoard
 from pipeline.records import UnitRecord, check_record, read_records
 from pipeline.stage import PipelineError, Stage, StageContext
@@ -216,7 +216,8 @@ class Runner:
             if unknown := sorted(set(targets) - {s.name for s in order}):
                 raise PipelineError(f"unknown stage(s) {unknown}; stages: "
                                     f"{[s.name for s in self.stages]}")
-        resolve_device(self.config.run.device)
+        if self.config.run.executor in ("inline", "local"):  # else the workers' machines
+            resolve_device(self.config.run.device)
         for stage in order:
             stage.check(self.config)
         self.catalog.init()
@@ -344,6 +345,7 @@ class Runner:
             for outcome in batch.lost:
                 key = outcome.job.unit_key
                 attempts[key] = outcome.job.attempt
+                release(work_dir / stage.name / fp, key, outcome.job.attempt)
                 lost_count[key] = lost_count.get(key, 0) + 1
                 if lost_count[key] > self.config.run.max_retries:
                     raise PipelineError(

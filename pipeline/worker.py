@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.artifacts import remove_stale_tmp
 from pipeline.catalog import MetricRecord, UnitRow
-from pipeline.jobs import Job, read_plan
+from pipeline.jobs import Job, PlanMissing, read_plan
 from pipeline.leases import Holding, UnitBusy, check_free, this_host
 from pipeline.records import UnitRecord, record_path, relative_artifacts, write_record
 from pipeline.stage import PipelineError, Stage, StageContext
@@ -62,23 +62,29 @@ def run_job(job: Job, progress: Progress = no_progress) -> UnitRecord:
     """Run the unit, write its record last and return it. A unit that raises gets a
     `failed` record (Ctrl-C and SIGTERM too) and the error propagates."""
     stage = stage_instance(job.stage)
-    ctx = context(job, progress)
-    expected = stage.fingerprint(ctx.config, ctx.inputs.fingerprints)
-    if expected != job.fingerprint:
-        raise PipelineError(
-            f"{job.stage} {job.unit_key}: this worker computes fingerprint {expected}, the "
-            f"driver planned {job.fingerprint}; run the same fsr-pipe version and config on "
-            "every node")
-    out_dir = ctx.out_dir
-    try:
-        check_free(out_dir, job.unit_key, ctx.config.run.lease_s)  # before touching its files
-    except UnitBusy as exc:
-        raise PipelineError(str(exc)) from None
-    record_path(out_dir, job.unit_key).unlink(missing_ok=True)  # an earlier attempt's
-    remove_stale_tmp(out_dir / job.unit_key)
+    out_dir = job.load_config().work_dir / job.stage / job.fingerprint
     started = time.time()
     base = dict(stage=job.stage, fingerprint=job.fingerprint, unit_key=job.unit_key,
                 host=this_host(), pid=os.getpid(), attempt=job.attempt, started_at=started)
+    try:
+        check_free(out_dir, job.unit_key, job.load_config().run.lease_s)  # before any write
+    except UnitBusy as exc:
+        raise PipelineError(str(exc)) from None
+    try:
+        ctx = context(job, progress)
+        expected = stage.fingerprint(ctx.config, ctx.inputs.fingerprints)
+        if expected != job.fingerprint:
+            raise PipelineError(
+                f"{job.stage} {job.unit_key}: this worker computes fingerprint {expected}, "
+                f"the driver planned {job.fingerprint}; run the same fsr-pipe version and "
+                "config on every node")
+    except (PipelineError, PlanMissing) as exc:  # would fail on every retry: a failed record
+        error = f"{type(exc).__name__}: {exc}"
+        write_record(UnitRecord(**base, status="failed", finished_at=time.time(),
+                                error=error), out_dir)
+        raise
+    record_path(out_dir, job.unit_key).unlink(missing_ok=True)  # an earlier attempt's
+    remove_stale_tmp(out_dir / job.unit_key)
     with Holding(out_dir, job.unit_key, job.attempt, ctx.config.run.heartbeat_s):
         try:
             result = stage.run(ctx, UnitRow(job.stage, job.unit_key, job.fingerprint,

@@ -21,7 +21,7 @@ from pipeline.catalog import Catalog
 from pipeline.config import load_config
 from pipeline.executors.local import LocalExecutor
 from pipeline.jobs import Job
-from pipeline.leases import HOST_ENV, Holding, read_leases
+from pipeline.leases import HOST_ENV, Holding, read_leases, release
 from pipeline.progress import ProgressBoard
 from pipeline.records import read_records
 from pipeline.runner import Runner, fingerprints
@@ -219,3 +219,14 @@ def test_a_worker_never_runs_a_unit_another_live_worker_holds(tmp_path):
     with Holding(folder, "shard-00002", 1, heartbeat_s=60):
         _remote_lease(folder / "_leases" / "shard-00002.json", time.time())
     assert (folder / "_leases" / "shard-00002.json").exists()
+
+
+def test_the_lease_of_an_attempt_seen_ending_is_released(tmp_path):
+    """A worker on another host that the executor saw die (actor, Slurm task) leaves a lease
+    that looks alive for run.lease_s; the driver drops it before the retry, not another's."""
+    lease = tmp_path / "_leases" / "shard-00001.json"
+    _remote_lease(lease, time.time())
+    release(tmp_path, "shard-00001", attempt=2)  # a later attempt holds it now: kept
+    assert lease.exists()
+    release(tmp_path, "shard-00001", attempt=1)
+    assert not lease.exists()

@@ -35,8 +35,15 @@ def results(work_dir: Path) -> dict[str, pa.Table]:
     return out
 
 
+def _has_ray() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("executor", ["inline", "local"])
+@pytest.mark.parametrize("executor", ["inline", "local", pytest.param("ray", marks=(
+    pytest.mark.skipif(not _has_ray(), reason="ray is not installed (the [ray] extra)")))])
 def test_sigkill_then_resume_gives_identical_results(tmp_path, executor):
     (tmp_path / "ref").mkdir()
     reference = write_tiny_config(tmp_path / "ref", tmp_path / "ref" / "run", items=40)

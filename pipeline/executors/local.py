@@ -69,6 +69,11 @@ def _init_worker(gpu_slots, threads: int) -> None:  # noqa: ANN001
     signal.signal(signal.SIGTERM, _on_term)
     if gpu_slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_slots.get())
+    # Before torch loads: OpenMP and MKL size their pools from these (as Ray does for its
+    # actors); without them each worker's runtime starts a thread per core and they contend.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(threads))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(threads)
