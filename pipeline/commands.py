@@ -132,6 +132,8 @@ def status(config: Config) -> list[StageStatus]:
         "SELECT DISTINCT stage, fingerprint FROM units")}
     new = {s.name: ingest_records(catalog, s.name, expected[s.name], config.work_dir)
            for s in stages if (s.name, expected[s.name]) in planned}
+    if fresh := [v for s in stages if new.get(s.name) for v in s.views]:
+        catalog.refresh_views(fresh)  # a plain duckdb client sees the workers' files too
     counts = catalog.rows(
         "SELECT stage, fingerprint, status, count(*), coalesce(sum(rows), 0), "
         "coalesce(sum(seconds), 0) FROM units GROUP BY ALL"

@@ -295,19 +295,18 @@ class Runner:
         ingest_records(self.catalog, stage.name, fp, work_dir)
         status = {u.key: u for u in self.catalog.units(stage.name, fp)}
         todo = [u for u in units if status[u.key].status != "done"]
-        for unit in todo:
-            lease = leases.get(unit.key)
-            if lease and lease.state(lease_s) == "alive":
-                report.busy.append(f"{unit.key} ({lease.host}:{lease.pid})")
-        todo = [u for u in todo if not any(b.startswith(u.key + " ") for b in report.busy)]
-        report.skipped = len(units) - len(todo) - len(report.busy)
+        busy = {u.key: leases[u.key] for u in todo
+                if u.key in leases and leases[u.key].state(lease_s) == "alive"}
+        report.busy = [f"{key} ({lease.host}:{lease.pid})" for key, lease in busy.items()]
+        todo = [u for u in todo if u.key not in busy]  # another worker runs them
+        report.skipped = len(units) - len(todo) - len(busy)
         try:
             with self.board.task(stage.name, len(todo)) as advance:
                 self._dispatch(stage, todo, {u.key: status[u.key].attempts for u in todo},
                                report, advance)
         except BaseException:
-            # Whatever finished (and the failed unit's own record) goes into the catalog, and
-            # the stored views show it to a plain duckdb client. Not on Ctrl-C/SIGTERM.
+            # Whatever finished (and the failed or interrupted unit's own record) goes into
+            # the catalog, and the stored views show it to a plain duckdb client.
             ingest_records(self.catalog, stage.name, fp, work_dir)
             self._refresh_views(stage, quiet=True)
             raise

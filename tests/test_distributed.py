@@ -230,3 +230,16 @@ def test_the_lease_of_an_attempt_seen_ending_is_released(tmp_path):
     assert lease.exists()
     release(tmp_path, "shard-00001", attempt=1)
     assert not lease.exists()
+
+
+def test_an_unknown_executor_is_one_line(tiny_config):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["run", "all", "--executor", "bogus", "-c", str(tiny_config)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert text.startswith("error: run.executor") and "'inline', 'local', 'slurm', 'ray'" in text
+    assert "Traceback" not in result.output
+    assert not (tiny_config.parent / "run").exists()  # stopped before any work
