@@ -59,13 +59,19 @@ def out_dir(config, stage: str) -> Path:
     return config.work_dir / stage / fingerprints(all_stages(), config)[stage]
 
 
-def test_local_executor_gives_the_inline_results(tmp_path):
-    (tmp_path / "ref").mkdir()
-    (tmp_path / "pool").mkdir()
+def inline_and_pool(tmp_path: Path, inline_targets: list[str]):  # noqa: ANN201
+    """(inline config run up to `inline_targets`, the same config on a 2-worker pool)."""
+    for name in ("ref", "pool"):
+        (tmp_path / name).mkdir()
     inline = load_config(write_tiny_config(tmp_path / "ref", tmp_path / "ref" / "run"))
-    commands.run(inline, ["all"], progress=False)
+    commands.run(inline, inline_targets, progress=False)
     pool = load_config(write_tiny_config(tmp_path / "pool", tmp_path / "pool" / "run"),
                        ['run.executor="local"', "run.workers=2"])
+    return inline, pool
+
+
+def test_local_executor_gives_the_inline_results(tmp_path):
+    inline, pool = inline_and_pool(tmp_path, ["all"])
     reports = commands.run(pool, ["all"], progress=False)
     assert sum(r.ran for r in reports) == sum(r.units for r in reports)
     assert_same_results(pool.work_dir, inline.work_dir)
@@ -87,12 +93,7 @@ def _kill_first_worker(lease_dir_of, done: threading.Event) -> None:  # noqa: AN
 
 
 def test_a_killed_local_worker_is_retried(tmp_path):
-    (tmp_path / "ref").mkdir()
-    (tmp_path / "pool").mkdir()
-    inline = load_config(write_tiny_config(tmp_path / "ref", tmp_path / "ref" / "run"))
-    commands.run(inline, ["extract"], progress=False)
-    config = load_config(write_tiny_config(tmp_path / "pool", tmp_path / "pool" / "run"),
-                         ['run.executor="local"', "run.workers=2"])
+    inline, config = inline_and_pool(tmp_path, ["extract"])
     commands.run(config, ["prepare"], progress=False)
     extract_dir = out_dir(config, "extract")
     done = threading.Event()
