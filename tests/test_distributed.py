@@ -244,3 +244,17 @@ def test_an_unknown_executor_is_one_line(tiny_config):
     assert text.startswith("error: run.executor") and "'inline', 'local', 'slurm', 'ray'" in text
     assert "Traceback" not in result.output
     assert not (tiny_config.parent / "run").exists()  # stopped before any work
+
+
+def test_local_workers_default_to_one_per_gpu(monkeypatch):
+    import pipeline.executors.local as local
+
+    monkeypatch.setattr(local, "cuda_devices", lambda: 4)
+    assert local.worker_count(0, "auto") == 4  # one worker per GPU
+    assert local.LocalExecutor(0, "auto").gpus == 4
+    assert local.worker_count(3, "auto") == 3  # run.workers wins
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 16)
+    assert local.worker_count(0, "cpu") == 8  # no GPU wanted: one per 2 cores
+    monkeypatch.setattr(local, "cuda_devices", lambda: 0)
+    assert local.worker_count(0, "auto") == 8
+    assert local.LocalExecutor(0, "auto").gpus == 0
