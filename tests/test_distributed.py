@@ -258,3 +258,11 @@ def test_local_workers_default_to_one_per_gpu(monkeypatch):
     monkeypatch.setattr(local, "cuda_devices", lambda: 0)
     assert local.worker_count(0, "auto") == 8
     assert local.LocalExecutor(0, "auto").gpus == 0
+
+
+def test_cluster_executors_give_index_a_gpu_only_with_index_use_gpu(tiny_config):
+    from pipeline.executors.base import gpu_stages
+
+    assert gpu_stages(load_config(tiny_config)) == {"extract", "train", "embed", "score",
+                                                    "index"}
+    assert "index" not in gpu_stages(load_config(tiny_config, ["index.use_gpu=false"]))

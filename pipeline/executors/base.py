@@ -12,8 +12,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import Config
 from pipeline.jobs import Job
 from pipeline.records import UnitRecord, record_path
+
+# Stages that compute on the GPU when there is one; index too when index.use_gpu is on.
+GPU_STAGES = frozenset({"extract", "train", "embed", "score"})
+
+
+def gpu_stages(config: Config) -> frozenset[str]:
+    """The stages a cluster executor gives a GPU (when it has GPUs to give)."""
+    return GPU_STAGES | ({"index"} if config.index.use_gpu else set())
 
 
 class HandedOff(Exception):  # noqa: N818 - not an error: the run goes on elsewhere

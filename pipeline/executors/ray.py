@@ -5,8 +5,8 @@ Each actor (`UnitWorker`) is a worker process that runs one unit at a time throu
 the actor. Actors hold their resources for their whole life: `run.workers` of them (0 = one
 per GPU when CUDA is configured and the cluster has GPUs, else one per 2 cluster CPUs), each
 with an equal share of the CPUs (its torch threads) and, for the stages that use CUDA
-(`GPU_STAGES`), one GPU. Stages of the same resource shape share the actors; a stage of
-another shape replaces them.
+(`executors.base.gpu_stages`: index too with `index.use_gpu`), one GPU. Stages of the same
+resource shape share the actors; a stage of another shape replaces them.
 
 Only the job and the unit's record (JSON strings) go through Ray; artifacts are written to
 `run.work_dir`, which every node must see at the same path (a shared file system), and every
@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.executors.base import Executor, Finished, Outcome, read_own_record
+from pipeline.executors.base import Executor, Finished, Outcome, gpu_stages, read_own_record
 from pipeline.jobs import Job
 from pipeline.stage import PipelineError
 
-GPU_STAGES = frozenset({"extract", "embed", "train", "score"})  # one GPU each, with CUDA
 INSTALL_HINT = "run.executor = ray needs Ray: pip install -e '.[cpu,ray]'"
 POLL_S = 1.0  # ray.wait timeout: Ctrl-C is seen at least this often
 REASON_CHARS = 400  # of a lost actor's error, in the retry log line
@@ -194,7 +193,8 @@ class RayExecutor(Executor):
         """(actors at most, shape) for a stage's units on the cluster as it is now."""
         cuda = self.uses_gpus()
         count = actor_count(self.config.run.workers, cuda, self.ray.cluster_resources())
-        return fit_shape(self._nodes(), count, 1 if cuda and stage in GPU_STAGES else 0)
+        gpus = 1 if cuda and stage in gpu_stages(self.config) else 0
+        return fit_shape(self._nodes(), count, gpus)
 
     def _actor_class(self) -> Any:
         if self._cls is None:

@@ -31,7 +31,14 @@ from pathlib import Path
 
 from pipeline.artifacts import write_bytes
 from pipeline.config import Config, SlurmConfig
-from pipeline.executors.base import Executor, Finished, HandedOff, Outcome, read_own_record
+from pipeline.executors.base import (
+    Executor,
+    Finished,
+    HandedOff,
+    Outcome,
+    gpu_stages,
+    read_own_record,
+)
 from pipeline.jobs import Job
 from pipeline.records import RECORDS
 from pipeline.stage import PipelineError
@@ -39,8 +46,6 @@ from pipeline.stage import PipelineError
 log = logging.getLogger(__name__)
 
 SLURM_DIR = "slurm"  # under the run directory: scripts, job files, logs/
-# Stages that use a GPU when there is one; the others get no GPU even when slurm.gpus > 0.
-GPU_STAGES = frozenset({"extract", "train", "embed", "score"})
 # sacct states after which an array task runs no more (CANCELLED may read "CANCELLED by 123").
 TERMINAL_STATES = frozenset({
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -78,8 +83,10 @@ def next_number(folder: Path, stage: str, fingerprint: str) -> int:
     return max(numbers, default=0) + 1
 
 
-def sbatch_options(slurm: SlurmConfig, stage: str, tasks: int, log_dir: Path) -> list[str]:
-    """The script's #SBATCH options (without the prefix), from the [slurm] section."""
+def sbatch_options(slurm: SlurmConfig, stage: str, tasks: int, log_dir: Path,
+                   gpu: bool) -> list[str]:
+    """The script's #SBATCH options (without the prefix), from the [slurm] section; `gpu`:
+    the stage computes on a GPU (executors.base.gpu_stages), else slurm.gpus is not asked."""
     options = [f"--job-name=fsr-{stage}", f"--array=0-{tasks - 1}",
                f"--output={log_dir}/%x-%A_%a.out", f"--cpus-per-task={slurm.cpus_per_task}"]
     if slurm.time:
@@ -88,7 +95,7 @@ def sbatch_options(slurm: SlurmConfig, stage: str, tasks: int, log_dir: Path) ->
         options.append(f"--partition={slurm.partition}")
     if slurm.mem:
         options.append(f"--mem={slurm.mem}")
-    if slurm.gpus > 0 and stage in GPU_STAGES:
+    if slurm.gpus > 0 and gpu:
         options.append(f"--gres=gpu:{slurm.gpus}")
     for line in slurm.extra:
         line = line.strip()
@@ -99,9 +106,10 @@ def sbatch_options(slurm: SlurmConfig, stage: str, tasks: int, log_dir: Path) ->
 
 
 def script_text(slurm: SlurmConfig, stage: str, fingerprint: str, units: Sequence[str],
-                job_file: Path, log_dir: Path, records_dir: Path, number: int) -> str:
+                job_file: Path, log_dir: Path, records_dir: Path, number: int,
+                gpu: bool = False) -> str:
     """The sbatch array script: task i runs unit units[i] of `job_file`."""
-    options = sbatch_options(slurm, stage, len(units), log_dir)
+    options = sbatch_options(slurm, stage, len(units), log_dir, gpu)
     # Options are shell words: quoting keeps a path with spaces one word for sbatch.
     sbatch = [f"#SBATCH {shlex.quote(o) if o.startswith('--output=') else o}" for o in options]
     unit_words = " ".join(shlex.quote(u) for u in units)
@@ -143,7 +151,7 @@ def write_submission(config: Config, jobs: Sequence[Job]) -> Submission:
                 job_file)
     records_dir = config.work_dir / stage / fingerprint / RECORDS
     text = script_text(config.slurm, stage, fingerprint, units, job_file, log_dir, records_dir,
-                       number)
+                       number, gpu=stage in gpu_stages(config))
     write_bytes(text.encode(), script)
     script.chmod(0o755)
     return Submission(stage, fingerprint, number, script, job_file, units)
