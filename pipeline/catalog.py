@@ -108,6 +108,16 @@ _METRICS = _arrow_schema(*_IDENT, ("name", "string"), ("value", "float64"),
                          ("labels_json", "string"))
 
 
+def _unit_children(records: Sequence[Any], schema: Any, items: Any) -> Any:
+    """An Arrow table of `schema`: the (stage, unit_key, fingerprint) of each record, then
+    the fields of each of its `items(record)` (artifacts, failures, metrics)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(
+        [{"stage": r.stage, "unit_key": r.unit_key, "fingerprint": r.fingerprint, **fields}
+         for r in records for fields in items(r)], schema=schema)
+
+
 def _read_sql(name: str) -> str:
     return resources.files("catalogs").joinpath(name).read_text()
 
@@ -285,32 +295,14 @@ class Catalog:
                 "error": pa.array([r.error and r.error[:4000] for r in chunk], pa.string()),
             })
             done = [r for r in chunk if r.status == "done"]
-            ident = [(r.stage, r.unit_key, r.fingerprint) for r in done for _ in r.artifacts]
-            artifacts = pa.table({
-                "stage": [i[0] for i in ident], "unit_key": [i[1] for i in ident],
-                "fingerprint": [i[2] for i in ident],
-                "kind": [a.kind for r in done for a in r.artifacts],
-                "path": [str(work_dir / a.path) for r in done for a in r.artifacts],
-                "rows": pa.array([a.rows for r in done for a in r.artifacts], pa.int64()),
-                "bytes": pa.array([a.bytes for r in done for a in r.artifacts], pa.int64()),
-                "sha256": [a.sha256 for r in done for a in r.artifacts]},
-                schema=_ARTIFACTS)
-            fails = [(r, f) for r in done for f in r.failures]
-            failures = pa.table({
-                "stage": [r.stage for r, _ in fails], "unit_key": [r.unit_key for r, _ in fails],
-                "fingerprint": [r.fingerprint for r, _ in fails],
-                "item_kind": [f.item_kind for _, f in fails],
-                "item_id": pa.array([f.item_id for _, f in fails], pa.int64()),
-                "path": pa.array([f.path for _, f in fails], pa.string()),
-                "reason": [f.reason for _, f in fails]}, schema=_FAILURES)
-            mets = [(r, m) for r in done for m in r.metrics]
-            metrics = pa.table({
-                "stage": [r.stage for r, _ in mets], "unit_key": [r.unit_key for r, _ in mets],
-                "fingerprint": [r.fingerprint for r, _ in mets],
-                "name": [m.name for _, m in mets],
-                "value": pa.array([m.value for _, m in mets], pa.float64()),
-                "labels_json": [json.dumps(m.labels, sort_keys=True) for _, m in mets]},
-                schema=_METRICS)
+            artifacts = _unit_children(done, _ARTIFACTS, lambda r: (
+                {"kind": a.kind, "path": str(work_dir / a.path), "rows": a.rows,
+                 "bytes": a.bytes, "sha256": a.sha256} for a in r.artifacts))
+            failures = _unit_children(done, _FAILURES, lambda r: map(dataclasses.asdict,
+                                                                     r.failures))
+            metrics = _unit_children(done, _METRICS, lambda r: (
+                {"name": m.name, "value": m.value,
+                 "labels_json": json.dumps(m.labels, sort_keys=True)} for m in r.metrics))
             with self.transaction() as con:
                 con.register("new_units", units)
                 con.register("new_artifacts", artifacts)

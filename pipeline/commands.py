@@ -12,9 +12,9 @@ import pyarrow as pa
 from pipeline.catalog import Catalog
 from pipeline.config import Config
 from pipeline.jobs import Job, PlanMissing, plan_path, read_plan
-from pipeline.leases import read_leases
+from pipeline.leases import read_lease, read_leases
 from pipeline.progress import ProgressBoard
-from pipeline.records import UnitRecord, read_records
+from pipeline.records import UnitRecord, read_record
 from pipeline.retrieval import sign_test_p
 from pipeline.runner import (
     Runner,
@@ -81,14 +81,13 @@ def work(config: Config, stage: str, shard: int | None = None,
                 f"{keys[:3]}{' ...' if len(keys) > 3 else ''} ({len(keys)} in all)")
     stages[stage].check(config)
     out_dir = config.work_dir / stage / fp
-    leases = read_leases(out_dir)
-    done = {r.unit_key for r in read_records(out_dir) if r.status == "done"}
     written = []
     with ProgressBoard(progress) as board:
-        for key, params in wanted:
-            lease = leases.get(key)
-            if key in done:
+        for key, params in wanted:  # one unit's files each: an array task reads no others
+            record = read_record(out_dir, key)
+            if record is not None and record.status == "done":
                 continue
+            lease = read_lease(out_dir, key)
             if lease and lease.state(config.run.lease_s) == "alive":
                 log.warning("%s %s: skipped, %s (pid %d) runs it", stage, key, lease.host,
                             lease.pid)

@@ -122,6 +122,11 @@ class Job:
     def load_config(self) -> Config:
         return _config(json.dumps(self.config, sort_keys=True), self.base_dir)
 
+    @property
+    def out_dir(self) -> Path:
+        """The stage plan's folder: the unit's artifacts, record and lease go under it."""
+        return self.load_config().work_dir / self.stage / self.fingerprint
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

@@ -58,23 +58,29 @@ def lease_path(out_dir: Path, unit_key: str) -> Path:
     return out_dir / LEASES / f"{unit_key}.json"
 
 
+def _load(path: Path) -> Lease | None:
+    try:
+        data = json.loads(path.read_text())
+        heartbeat = path.stat().st_mtime
+    except (OSError, ValueError):  # gone (the unit ended), or being replaced
+        return None
+    return Lease(data["unit_key"], data["host"], data["pid"], data["attempt"], data["since"],
+                 heartbeat)
+
+
+def read_lease(out_dir: Path, unit_key: str) -> Lease | None:
+    """One unit's lease, or None when nobody runs it."""
+    return _load(lease_path(out_dir, unit_key))
+
+
 def read_leases(out_dir: Path) -> dict[str, Lease]:
     """Every lease file under a stage plan's folder, by unit key."""
     folder = out_dir / LEASES
-    leases: dict[str, Lease] = {}
     if not folder.is_dir():
-        return leases
-    for entry in os.scandir(folder):
-        if not entry.name.endswith(".json") or entry.name.startswith("."):
-            continue
-        try:
-            data = json.loads(Path(entry.path).read_text())
-            heartbeat = entry.stat().st_mtime
-        except (OSError, ValueError):  # deleted while we looked, or being replaced
-            continue
-        leases[data["unit_key"]] = Lease(data["unit_key"], data["host"], data["pid"],
-                                         data["attempt"], data["since"], heartbeat)
-    return leases
+        return {}
+    found = (_load(Path(entry.path)) for entry in os.scandir(folder)
+             if entry.name.endswith(".json") and not entry.name.startswith("."))
+    return {lease.unit_key: lease for lease in found if lease is not None}
 
 
 class Holding:
@@ -109,7 +115,7 @@ class Holding:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        holder = read_leases(self.path.parent.parent).get(self.lease.unit_key)
+        holder = _load(self.path)
         if holder is None or (holder.host, holder.pid) == (self.lease.host, self.lease.pid):
             self.path.unlink(missing_ok=True)  # never another worker's lease
 
@@ -120,7 +126,7 @@ class UnitBusy(RuntimeError):
 
 def check_free(out_dir: Path, unit_key: str, lease_s: float) -> None:
     """Raise UnitBusy if a live worker other than this process holds the unit's lease."""
-    lease = read_leases(out_dir).get(unit_key)
+    lease = read_lease(out_dir, unit_key)
     if lease is None or (lease.host, lease.pid) == (this_host(), os.getpid()):
         return
     if lease.state(lease_s) == "alive":
@@ -131,6 +137,6 @@ def check_free(out_dir: Path, unit_key: str, lease_s: float) -> None:
 def release(out_dir: Path, unit_key: str, attempt: int) -> None:
     """Delete the lease of an attempt the executor saw end (its worker is gone: killed, actor
     or Slurm task ended), so the retry need not wait `run.lease_s` for it to look lost."""
-    lease = read_leases(out_dir).get(unit_key)
+    lease = read_lease(out_dir, unit_key)
     if lease is not None and lease.attempt == attempt:
         lease_path(out_dir, unit_key).unlink(missing_ok=True)

@@ -57,19 +57,16 @@ def record_path(out_dir: Path, unit_key: str) -> Path:
     return out_dir / RECORDS / f"{unit_key}.json"
 
 
+def run_relative(path: str | Path, work_dir: Path) -> str:
+    """A path under the run directory made relative to it (others stay absolute), as records
+    and plan files store them; `work_dir / it` gives the absolute path back."""
+    path, root = Path(path).resolve(), work_dir.resolve()
+    return os.path.relpath(path, root) if path.is_relative_to(root) else str(path)
+
+
 def relative_artifacts(artifacts: list[ArtifactRecord], work_dir: Path) -> list[ArtifactRecord]:
-    """Artifact paths relative to the run directory (so nodes may mount it elsewhere)."""
-    root = work_dir.resolve()
-    out = []
-    for a in artifacts:
-        path = Path(a.path).resolve()
-        rel = os.path.relpath(path, root) if path.is_relative_to(root) else str(path)
-        out.append(ArtifactRecord(a.kind, rel, a.rows, a.bytes, a.sha256))
-    return out
-
-
-def absolute_artifacts(artifacts: list[ArtifactRecord], work_dir: Path) -> list[ArtifactRecord]:
-    return [ArtifactRecord(a.kind, str(work_dir / a.path), a.rows, a.bytes, a.sha256)
+    """Artifact records with their paths relative to the run directory."""
+    return [ArtifactRecord(a.kind, run_relative(a.path, work_dir), a.rows, a.bytes, a.sha256)
             for a in artifacts]
 
 
@@ -78,6 +75,14 @@ def write_record(record: UnitRecord, out_dir: Path) -> Path:
     from pipeline.artifacts import write_bytes  # artifacts imports leases; keep this module light
 
     return write_bytes(record.to_json().encode(), record_path(out_dir, record.unit_key))
+
+
+def read_record(out_dir: Path, unit_key: str) -> UnitRecord | None:
+    """One unit's record, or None when it has none (yet)."""
+    try:
+        return UnitRecord.from_json(record_path(out_dir, unit_key).read_text())
+    except FileNotFoundError:
+        return None
 
 
 def read_records(out_dir: Path, skip: set[str] | frozenset[str] = frozenset()) -> list[UnitRecord]:

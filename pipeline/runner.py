@@ -23,11 +23,11 @@ from pipeline.executors import Executor, Outcome, make_executor
 from pipeline.jobs import Inputs, Job, StagePlan, plan_path, write_plan
 from pipeline.leases import read_leases, release
 from pipeline.progress import ProgressBoard
-from pipeline.records import UnitRecord, check_record, read_records
+from pipeline.records import UnitRecord, check_record, read_records, run_relative
 from pipeline.stage import PipelineError, Stage, StageContext
 from pipeline.worker import GOOD_ITEMS
 
-INGEST_EVERY_S = 2.0  # pool executors: ingest finished records at most this often
+INGEST_EVERY_S = 2.0  # ingest finished records at most this often (and when a round ends)
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,9 @@ def upstream_inputs(catalog: Catalog, stage: Stage, fingerprints: dict[str, str]
     """What `stage` reads of the stages it needs, from the catalog (paths made relative)."""
     fps = {name: fingerprints[name] for name in stage.needs}
     artifacts, failed, units = {}, {}, {}
-    root = str(work_dir) + "/"
     for name, fp in fps.items():
-        artifacts[name] = [(key, kind, path[len(root):] if path.startswith(root) else path,
-                            rows) for key, kind, path, rows in catalog.rows(
+        artifacts[name] = [(key, kind, run_relative(path, work_dir), rows)
+                           for key, kind, path, rows in catalog.rows(
             "SELECT unit_key, kind, path, rows FROM artifacts WHERE stage = ? AND "
             "fingerprint = ? ORDER BY unit_key, path", [name, fp])]
         failed[name] = {}
@@ -154,10 +153,11 @@ def ingest_records(catalog: Catalog, stage: str, fingerprint: str, work_dir: Pat
 
 class _Collector:
     """Receives a round of job outcomes: ingests records in batches (at most every
-    `every_s`), keeps the lost jobs for a retry, raises on the first failed unit."""
+    INGEST_EVERY_S; the rest when the round ends), keeps the lost jobs for a retry, raises on
+    the first failed unit."""
 
-    def __init__(self, ingest, every_s: float, report: StageReport, advance) -> None:  # noqa: ANN001
-        self.ingest, self.every_s = ingest, every_s
+    def __init__(self, ingest, report: StageReport, advance) -> None:  # noqa: ANN001
+        self.ingest = ingest
         self.report, self.advance = report, advance
         self.received: list[UnitRecord] = []
         self.lost: list[Outcome] = []
@@ -175,7 +175,7 @@ class _Collector:
                                 f"{record.host} (pid {record.pid}): {record.error}")
         self.report.ran += 1
         self.advance(1)
-        if time.monotonic() - self.last >= self.every_s:
+        if time.monotonic() - self.last >= INGEST_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
@@ -333,9 +333,7 @@ class Runner:
             jobs = [Job.of(self.config, plan_file, key, params[key], stage.name, fp,
                            attempts[key] + 1) for key in queue]
             batch = _Collector(lambda records: ingest_records(
-                self.catalog, stage.name, fp, work_dir, records),
-                every_s=0.0 if len(jobs) == 1 or self.config.run.executor == "inline"
-                else INGEST_EVERY_S, report=report, advance=advance)
+                self.catalog, stage.name, fp, work_dir, records), report, advance)
             try:
                 self.executor.run(jobs, batch.finished)
             finally:

@@ -51,9 +51,8 @@ def stage_instance(name: str) -> Stage:
 
 
 def context(job: Job, progress: Progress = no_progress) -> StageContext:
-    config = job.load_config()
     plan = read_plan(job.plan_file)
-    return StageContext(config=config, inputs=plan.inputs, stage=job.stage,
+    return StageContext(config=job.load_config(), inputs=plan.inputs, stage=job.stage,
                         fingerprint=job.fingerprint, progress=progress,
                         log=logging.getLogger(f"stages.{job.stage}"))
 
@@ -62,7 +61,7 @@ def run_job(job: Job, progress: Progress = no_progress) -> UnitRecord:
     """Run the unit, write its record last and return it. A unit that raises gets a
     `failed` record (Ctrl-C and SIGTERM too) and the error propagates."""
     stage = stage_instance(job.stage)
-    out_dir = job.load_config().work_dir / job.stage / job.fingerprint
+    out_dir = job.out_dir
     started = time.time()
     base = dict(stage=job.stage, fingerprint=job.fingerprint, unit_key=job.unit_key,
                 host=this_host(), pid=os.getpid(), attempt=job.attempt, started_at=started)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.jobs import Job
-from pipeline.records import UnitRecord, record_path
+from pipeline.records import UnitRecord, read_record
 
 # Stages that compute on the GPU when there is one; index too when index.use_gpu is on.
 GPU_STAGES = frozenset({"extract", "train", "embed", "score"})
@@ -40,15 +39,15 @@ class Outcome:
 Finished = Callable[[Outcome], None]
 
 
-def read_own_record(job: Job, out_dir: Path) -> UnitRecord | None:
+def read_own_record(job: Job) -> UnitRecord | None:
     """The record `job`'s attempt wrote, if any (a worker may die right after writing it)."""
-    path = record_path(out_dir, job.unit_key)
     try:
-        record = UnitRecord.from_json(path.read_text())
-    except (FileNotFoundError, ValueError):
+        record = read_record(job.out_dir, job.unit_key)
+    except ValueError:  # half a file: not written by os.replace, so not a record of ours
         return None
-    return record if record.attempt == job.attempt and record.fingerprint == job.fingerprint \
-        else None
+    if record is None or (record.attempt, record.fingerprint) != (job.attempt, job.fingerprint):
+        return None
+    return record
 
 
 class Executor:

@@ -17,7 +17,6 @@ import signal
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 
 from pipeline.executors.base import Executor, Finished, Outcome, read_own_record
 from pipeline.jobs import Job
@@ -95,8 +94,7 @@ def _run(job_json: str, threads: int) -> str:
     try:
         return run_job(job).to_json()
     except Exception:
-        out_dir = job.load_config().work_dir / job.stage / job.fingerprint
-        record = read_own_record(job, out_dir)
+        record = read_own_record(job)
         if record is None:
             raise
         return record.to_json()
@@ -157,10 +155,9 @@ class LocalExecutor(Executor):
             self.close(terminate=True)  # a fresh pool for the retries
 
     def _broken(self, job: Job, exc: BaseException, finished: Finished) -> None:
-        out_dir = Path(job.load_config().work_dir) / job.stage / job.fingerprint
         # It may have finished just before. A failed record here is a sibling the broken pool
         # terminated mid-unit (SIGTERM), not an error of the unit: redo it.
-        record = read_own_record(job, out_dir)
+        record = read_own_record(job)
         if record is not None and record.status == "done":
             finished(Outcome(job, record))
         else:

@@ -23,7 +23,6 @@ import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
@@ -93,10 +92,6 @@ def fit_shape(nodes: Sequence[dict[str, float]], actors: int, gpus: int) -> tupl
     return actors, Shape(cpus, gpus)
 
 
-def out_dir(job: Job) -> Path:
-    return Path(job.load_config().work_dir) / job.stage / job.fingerprint
-
-
 def short(exc: BaseException) -> str:
     """One line of an exception: Ray's are many lines of traceback."""
     text = " ".join(str(exc).split())
@@ -131,7 +126,7 @@ class UnitWorker:
         try:
             return run_job(job).to_json()
         except Exception:
-            record = read_own_record(job, out_dir(job))
+            record = read_own_record(job)
             if record is None:
                 raise
             return record.to_json()
@@ -279,7 +274,7 @@ class RayExecutor(Executor):
             self._drop(actor)
             # It may have finished just before. A failed record here is a unit stopped by
             # its process's end (SIGTERM unwinds it), not an error of the unit: redo it.
-            record = read_own_record(job, out_dir(job))
+            record = read_own_record(job)
             if record is not None and record.status == "done":
                 finished(Outcome(job, record))
             else:

@@ -280,9 +280,8 @@ class SlurmExecutor(Executor):
         job_id = submit(sub.script)
         log.info("%s: submitted Slurm job %s (%d array task(s)): %s", sub.stage, job_id,
                  len(jobs), sub.script)
-        out_dir = self.config.work_dir / sub.stage / sub.fingerprint
         try:
-            self._wait(job_id, list(jobs), out_dir, finished)
+            self._wait(job_id, list(jobs), finished)
         except BaseException as exc:
             why = "interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
             log.warning("%s: cancelling Slurm job %s (%s)", sub.stage, job_id, why)
@@ -305,7 +304,7 @@ class SlurmExecutor(Executor):
             return None
         return parse_sacct(done.stdout, job_id)
 
-    def _wait(self, job_id: str, jobs: list[Job], out_dir: Path, finished: Finished) -> None:
+    def _wait(self, job_id: str, jobs: list[Job], finished: Finished) -> None:
         """Poll until every task has ended; report each task's outcome as soon as it has."""
         pending = set(range(len(jobs)))
         unlisted = dict.fromkeys(pending, 0.0)  # seconds sacct answered without the task
@@ -332,7 +331,7 @@ class SlurmExecutor(Executor):
                 if state == "PENDING" and not gone:
                     continue  # not started: no record to look for
                 job = jobs[i]
-                record = read_own_record(job, out_dir)
+                record = read_own_record(job)
                 if record is not None:
                     pending.discard(i)
                     finished(Outcome(job, record))
