@@ -102,7 +102,11 @@ class Holding:
         tmp = self.path.with_name(f".{self.path.name}.{this_host()}.{os.getpid()}")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.path)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # a signal before the heartbeat runs: leave no lease behind
+            self.path.unlink(missing_ok=True)
+            raise
         return self
 
     def _beat(self) -> None:

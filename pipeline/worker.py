@@ -84,23 +84,28 @@ def run_job(job: Job, progress: Progress = no_progress) -> UnitRecord:
         raise
     record_path(out_dir, job.unit_key).unlink(missing_ok=True)  # an earlier attempt's
     remove_stale_tmp(out_dir / job.unit_key)
-    with Holding(out_dir, job.unit_key, job.attempt, ctx.config.run.heartbeat_s):
-        try:
+    try:
+        with Holding(out_dir, job.unit_key, job.attempt, ctx.config.run.heartbeat_s):
             result = stage.run(ctx, UnitRow(job.stage, job.unit_key, job.fingerprint,
                                             "running", job.params))
-        except BaseException as exc:  # Ctrl-C and SIGTERM too: say what stopped it
+            good = [MetricRecord(GOOD_ITEMS, float(n), {"item_kind": kind})
+                    for kind, n in sorted(result.good.items())]
+            record = UnitRecord(**base, status="done", finished_at=time.time(),
+                                rows=result.rows, failures=result.failures,
+                                artifacts=relative_artifacts(result.artifacts,
+                                                             ctx.config.work_dir),
+                                metrics=[*result.metrics, *good])
+            write_record(record, out_dir)
+    except BaseException as exc:  # Ctrl-C and SIGTERM too: say what stopped it
+        # A signal may land anywhere up to the done record's rename; once that is on disk the
+        # unit is done, whatever comes after.
+        if not record_path(out_dir, job.unit_key).exists():
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             write_record(UnitRecord(**base, status="failed", finished_at=time.time(),
                                     error=error), out_dir)
             log.error("%s %s failed after %.1fs: %s", job.stage, job.unit_key,
                       time.time() - started, str(exc) or type(exc).__name__)
-            raise
-        good = [MetricRecord(GOOD_ITEMS, float(n), {"item_kind": kind})
-                for kind, n in sorted(result.good.items())]
-        record = UnitRecord(**base, status="done", finished_at=time.time(), rows=result.rows,
-                            artifacts=relative_artifacts(result.artifacts, ctx.config.work_dir),
-                            failures=result.failures, metrics=[*result.metrics, *good])
-        write_record(record, out_dir)
+        raise
     log.info("%s %s: %d rows (%d bad inputs) in %.1fs -> %s", job.stage, job.unit_key,
              record.rows, len(record.failures), record.seconds, out_dir / job.unit_key)
     return record

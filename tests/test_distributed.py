@@ -222,6 +222,37 @@ def test_a_worker_never_runs_a_unit_another_live_worker_holds(tmp_path):
     assert (folder / "_leases" / "shard-00002.json").exists()
 
 
+@pytest.mark.parametrize("where", ["lease", "record"])
+def test_a_signal_between_the_units_work_and_its_record_leaves_a_failed_record(
+        tmp_path, monkeypatch, where):
+    """Ctrl-C or SIGTERM landing while the lease is taken, or after the stage's work but before
+    the done record's rename: the unit gets a failed record and no lease is left behind."""
+    import pipeline.leases
+    import pipeline.worker
+
+    config = load_config(write_tiny_config(tmp_path, tmp_path / "run"))
+    commands.run(config, ["prepare"], progress=False)
+    commands.run(config, ["extract"], plan_only=True, progress=False)
+    folder = out_dir(config, "extract")
+
+    def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    if where == "lease":
+        monkeypatch.setattr(pipeline.leases.threading.Thread, "start", interrupted)
+    else:
+        monkeypatch.setattr(pipeline.worker, "relative_artifacts", interrupted)
+    job = Job.of(config, folder / "_plan.json", "shard-00001", {}, "extract", folder.name)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(job)
+    [record] = read_records(folder)
+    assert (record.unit_key, record.status, record.error) == (
+        "shard-00001", "failed", "KeyboardInterrupt")
+    assert not read_leases(folder)
+    monkeypatch.undo()
+    assert run_job(job).status == "done"
+
+
 def test_the_lease_of_an_attempt_seen_ending_is_released(tmp_path):
     """A worker on another host that the executor saw die (actor, Slurm task) leaves a lease
     that looks alive for run.lease_s; the driver drops it before the retry, not another's."""

@@ -95,6 +95,9 @@ def _unit_under_way(stage_dir: Path) -> bool:
                                               (signal.SIGKILL, None)])
 def test_a_stopped_run_says_so_and_status_shows_what_resumes(tmp_path, signum, said):
     config_path = write_tiny_config(tmp_path, tmp_path / "run", items=40)
+    # Units of ~0.4 s (not 0.1): the signal lands in the unit seen under way, even on a busy
+    # machine, not after its done record.
+    config_path.write_text(config_path.read_text().replace("image_size = 64", "image_size = 128"))
     work = tmp_path / "run"
     proc = start_cli(config_path, "run", "all")
     # In the middle of a unit: one done, the next one holding its lease.
