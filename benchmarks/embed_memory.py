@@ -54,9 +54,9 @@ def status_kib(field: str) -> int:
 
 def load(work_dir: Path, items: int, extra: Sequence[str]):
     from pipeline.config import load_config
-    # embed.untrained off: the prompted + baseline encoders that docs/benchmarks.md measured.
+    # The prompted + baseline encoders that docs/benchmarks.md measured.
     overrides = [f"run.work_dir='{work_dir}'", f"data.demo_items={items}", *TRACTABLE,
-                 "embed.untrained=false", *extra]
+                 'score.methods=["freestyle", "baseline"]', *extra]
     return load_config(REPO_ROOT / "pipeline.toml", overrides)
 
 
@@ -83,7 +83,7 @@ def child(args: argparse.Namespace) -> None:
         "vmhwm_kib": status_kib("VmHWM"),
         "worker_peak_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
         "config": {"shard_size": config.data.shard_size, "batch_size": config.embed.batch_size,
-                   "num_workers": config.embed.num_workers, "baseline": config.embed.baseline,
+                   "num_workers": config.embed.num_workers, "methods": list(config.score.methods),
                    "image_size": config.extract.image_size, "arch": config.model.arch},
     }))
 

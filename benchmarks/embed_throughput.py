@@ -13,8 +13,8 @@ process and after a warm-up of each side:
   the per-shard `images_per_s` metrics it records in the catalog;
 - bare: the same model objects the stage builds, on gallery tensors decoded beforehand (not
   timed), in the same batches (batch size within each shard, as the stage's loader cuts
-  them), each encoder the stage runs (prompted; plain CLIP with `embed.baseline`), under
-  `torch.inference_mode`. `embed.untrained` is off unless `--set embed.untrained=true`.
+  them), each encoder the stage runs (prompted; plain CLIP, the `baseline` method), under
+  `torch.inference_mode`. Other methods only with `--set 'score.methods=[...]'`.
 
 Each stage run is followed by a bare run and their ratio is reported; with `--repeats` the
 pairs are repeated and the median ratio per worker count is printed. `cores busy` is the CPU
@@ -46,10 +46,9 @@ from pipeline import commands  # noqa: E402
 from pipeline.catalog import Catalog  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data.loader import ImageItem, ImageItems, collate  # noqa: E402
-from pipeline.device import resolve_device  # noqa: E402
+from pipeline.device import autocast, resolve_device  # noqa: E402
 from pipeline.progress import ProgressBoard  # noqa: E402
 from pipeline.runner import Runner, upstream_inputs  # noqa: E402
-from pipeline.training import autocast  # noqa: E402
 from stages import all_stages  # noqa: E402
 from stages.embed import encode_batch  # noqa: E402
 
@@ -63,8 +62,8 @@ def demo_config(work_dir: Path, items: int, batch_size: int, num_workers: int,
         f"extract.image_size={image_size}",
         f"model.arch='{arch}'",
         "train.epochs=1",
-        # The encoders docs/benchmarks.md measured: prompted + baseline (--set adds untrained).
-        "embed.untrained=false",
+        # The encoders docs/benchmarks.md measured: prompted + baseline (--set adds others).
+        'score.methods=["freestyle", "baseline"]',
         f"embed.batch_size={batch_size}",
         f"embed.num_workers={num_workers}",
         *extra,
@@ -178,7 +177,8 @@ def bare_loop(config: Config, shards: list[list[torch.Tensor]], models,
         for pixels in batches:
             pixels = pixels.to(device, non_blocking=True)
             with autocast(device, config.embed.amp):
-                out.append(encode_batch(*models, pixels))
+                out.append({k: v.float().cpu().numpy()  # as the stage's loop does
+                            for k, v in encode_batch(*models, pixels).items()})
     return clock.stop(sum(len(b) for b in batches))
 
 

@@ -29,7 +29,7 @@ in its own environment (`benchmarks/autofaiss_build.py`, see benchmarks/README.m
 then loaded here and measured on the same queries, with and without the same re-ranking.
 """
 
-# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (STYLE.md field vocabulary)
+# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (as in faiss and its docs)
 
 from __future__ import annotations
 

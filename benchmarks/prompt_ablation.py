@@ -5,12 +5,13 @@
         --variant deep-style:model.deep_init=style
     python benchmarks/prompt_ablation.py --set model.pretrained=/path/to/clip.pt
 
-One demo run from the shipped pipeline.toml (`embed.untrained` on) under `--work-dir`. For each
-variant, `run all` with the variant's overrides in that same run: extract and cluster do not
-depend on the model or train settings, so they are computed once and reused; train, embed,
-index and score run again under the variant's fingerprint. After each variant the test
-split's gallery-protocol Recall@1 per query set is read from the catalog, for FreestyleRet
-(FSR), its untrained prompts (untr, the train stage's epoch 0) and CLIP without prompts (base).
+One demo run from the shipped pipeline.toml (methods freestyle, untrained, baseline) under
+`--work-dir`. For each variant, `run all` with the variant's overrides in that same run:
+extract and cluster do not depend on the model or train settings, so they are computed once
+and reused; train, embed, index and score run again under the variant's fingerprint. After
+each variant the test split's gallery-protocol Recall@1 per query set is read from the
+catalog, for FreestyleRet (FSR), its untrained prompts (untr, the train stage's epoch 0)
+and CLIP without prompts (base).
 
 First, the instance signal each query style leaves in the Gram vectors the deep prompts are
 made from: training-split queries of each style against the training photos, R@1 of each
@@ -40,21 +41,25 @@ from pipeline.arrays import arrow_to_vectors  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.training import recall_at_1 as argmax_recall  # noqa: E402
 
-# (name, overrides): the paper's layout first (the shipped config), then the
-# ablations of docs/method.md section 3 that change where the prompts come from.
+# (name, overrides): the paper's layout first (the shipped config), then the ablations of
+# docs/method.md section 3 that change where the prompts come from, then what trains.
 VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("paper (shallow style, deep gram)", ()),
     ("deep from style", ("model.deep_init=style",)),
     ("shallow from gram", ("model.shallow_init=gram",)),
     ("all layers deep gram", ("model.shallow_layers=0",)),
     ("random prompts (VPT)", ("model.shallow_init=random", "model.deep_init=random")),
+    # What trains (docs/method.md 8): the authors' code's set, and a LayerNorm-only control.
+    ("authors' trainable set", ("model.trainable=authors",)),
+    ("vision LayerNorms only, no prompts", ("model.trainable=layernorm",)),
 )
 METHODS = (("freestyle", "FSR"), ("untrained", "untr"), ("baseline", "base"))
 
 
 def demo_config(work_dir: Path, overrides: Sequence[str]) -> Config:
     return load_config(REPO_ROOT / "pipeline.toml", overrides=[
-        f"run.work_dir='{work_dir}'", "embed.untrained=true", *overrides])
+        f"run.work_dir='{work_dir}'", 'score.methods=["freestyle", "untrained", "baseline"]',
+        *overrides])
 
 
 def centred_unit(x: np.ndarray) -> np.ndarray:

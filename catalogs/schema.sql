@@ -17,6 +17,8 @@ CREATE TABLE IF NOT EXISTS stages (
     notes        VARCHAR,            -- e.g. "VGG weights: seeded random init"
     planned_at   TIMESTAMP NOT NULL
 );
+-- The stage's place in the pipeline (stage_summary's order); added after schema v1 shipped.
+ALTER TABLE stages ADD COLUMN IF NOT EXISTS position INTEGER;
 
 -- Every planned unit of work. A (stage, unit_key, fingerprint) row is planned once and never
 -- re-planned; rows of older fingerprints stay as history and count as stale.

@@ -8,8 +8,8 @@ SELECT u.*
 FROM units u JOIN stages s ON u.stage = s.stage AND u.fingerprint = s.fingerprint;
 
 -- One row per stage: progress of the current plan as far as the driver has ingested unit
--- records, in pipeline order (the list is pipeline.commands.STAGE_NAMES; tests/test_catalog.py
--- checks they agree). Running and lost units live in lease files: `fsr-pipe status` shows them.
+-- records, in pipeline order (each plan records its stage's position). Running and lost units
+-- live in lease files: `fsr-pipe status` shows them.
 CREATE OR REPLACE VIEW stage_summary AS
 SELECT
     s.stage,
@@ -21,9 +21,8 @@ SELECT
     coalesce(sum(u.seconds), 0)                           AS seconds,
     s.notes
 FROM stages s LEFT JOIN units u ON u.stage = s.stage AND u.fingerprint = s.fingerprint
-GROUP BY s.stage, s.fingerprint, s.notes
-ORDER BY list_position(['ingest', 'prepare', 'extract', 'cluster', 'train', 'embed', 'index',
-                        'score'], s.stage) NULLS LAST, s.stage;
+GROUP BY s.stage, s.fingerprint, s.notes, s.position
+ORDER BY s.position NULLS LAST, s.stage;
 
 -- Bad inputs of the current plans, grouped by reason.
 CREATE OR REPLACE VIEW failures_by_reason AS

@@ -17,9 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.catalog import ArtifactRecord
 from pipeline.leases import Lease, pid_alive, this_host
-from pipeline.records import RECORDS
+from pipeline.records import RECORDS, ArtifactRecord
 
 TMP_MARK = ".tmp."
 

@@ -17,12 +17,13 @@ import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from pipeline.records import PlanRow, UnitRow, ViewSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,65 +33,6 @@ CATALOG_FILE = "catalog.duckdb"
 
 class CatalogBusy(RuntimeError):
     """The catalog stayed locked by other processes for longer than the timeout."""
-
-
-@dataclass(frozen=True)
-class UnitRow:
-    stage: str
-    key: str
-    fingerprint: str
-    status: str
-    params: dict[str, Any]
-    host: str | None = None
-    pid: int | None = None
-    attempts: int = 0
-
-
-@dataclass(frozen=True)
-class ArtifactRecord:
-    kind: str
-    path: str
-    rows: int | None
-    bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class FailureRecord:
-    item_kind: str
-    item_id: int | None
-    path: str | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class MetricRecord:
-    name: str
-    value: float
-    labels: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """A catalog view over the Parquet files of one artifact kind of a stage's current plan."""
-
-    name: str
-    stage: str
-    kind: str
-    # Column list used when no file exists yet, so the view always binds.
-    empty_columns: str
-
-
-@dataclass(frozen=True)
-class PlanRow:
-    """A stage's plan as the `stages` table stores it (without planned_at)."""
-
-    stage: str
-    fingerprint: str
-    code_version: str
-    config_json: str
-    inputs_json: str
-    notes: str | None = None
 
 
 def _arrow_schema(*columns: tuple[str, str]) -> Any:
@@ -254,9 +196,10 @@ class Catalog:
         with self.transaction() as con:
             con.execute("DELETE FROM stages WHERE stage = ?", [stage])
             con.execute(
-                "INSERT INTO stages VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
+                "INSERT INTO stages (stage, fingerprint, code_version, config_json, inputs_json, "
+                "notes, planned_at, position) VALUES (?, ?, ?, ?, ?, ?, current_timestamp, ?)",
                 [stage, fingerprint, meta["code_version"], json.dumps(meta["config"]),
-                 json.dumps(meta["inputs"]), meta.get("notes")],
+                 json.dumps(meta["inputs"]), meta.get("notes"), meta.get("position")],
             )
             planned = con.execute(
                 "SELECT count(*) FROM units WHERE stage = ? AND fingerprint = ?",
@@ -405,13 +348,17 @@ class Catalog:
         (the config a user passes to `fsr-pipe sql`), not the plans of the last run.
         """
         with self.connect(read_only=True) as con:
-            rows = ", ".join(
-                "(" + ", ".join(_sql_string(v) if v is not None else "NULL::VARCHAR"
-                                for v in dataclasses.astuple(p)) + ")" for p in plans)
+            rows = ", ".join("(" + ", ".join(
+                str(int(v)) if isinstance(v, int) else _sql_string(v) if v is not None
+                else "NULL::INTEGER" if f.name == "position" else "NULL::VARCHAR"
+                for f, v in zip(dataclasses.fields(p), dataclasses.astuple(p))) + ")"
+                for p in plans)
             db = '"' + con.execute("SELECT current_database()").fetchone()[0] + '"'
             con.execute(
-                "CREATE TEMP VIEW stages AS SELECT p.*, s.planned_at FROM (VALUES "
-                f"{rows}) p(stage, fingerprint, code_version, config_json, inputs_json, notes) "
+                "CREATE TEMP VIEW stages AS SELECT p.stage, p.fingerprint, p.code_version, "
+                "p.config_json, p.inputs_json, p.notes, s.planned_at, p.position FROM (VALUES "
+                f"{rows}) p(stage, fingerprint, code_version, config_json, inputs_json, notes, "
+                "position) "
                 f"LEFT JOIN {db}.main.stages s USING (stage, fingerprint) WHERE EXISTS (SELECT 1 "
                 f"FROM {db}.main.units u WHERE u.stage = p.stage AND u.fingerprint = p.fingerprint)"
             )

@@ -152,13 +152,13 @@ def run_cmd(
     same = _same_config(config, overrides)
     recall = commands.recall_table(cfg) if target in ("all", "score") else None
     if recall is not None and len(recall):
-        typer.echo(_render(_recall_view(recall)))
-        typer.echo(f"Again, or as data: fsr-pipe sql \"{commands.RECALL_SQL}\"{same}")
+        typer.echo(_render(_recall_view(recall, cfg)))
+        typer.echo(f"Again, or as data: fsr-pipe sql \"{commands.recall_sql(cfg)}\"{same}")
         paired = commands.paired_table(cfg)
         if paired:
-            typer.echo(_render(_paired_view(paired)))
-            typer.echo(f"Wins and losses at every K: fsr-pipe sql \"{commands.PAIRED_SQL}\""
-                       f"{same}")
+            typer.echo(_render(_paired_view(paired, cfg)))
+            typer.echo(f"Wins and losses at every K: fsr-pipe sql "
+                       f"\"{commands.paired_sql(cfg)}\"{same}")
     if target in ("all", "cluster", "score"):
         console.print(f"\nResults in [bold]{cfg.work_dir}[/] (catalog: "
                       f"{cfg.work_dir / 'catalog.duckdb'}). Try:\n"
@@ -173,18 +173,18 @@ def _same_config(config: Path, overrides: list[str] | None) -> str:
     return "".join(" " + shlex.quote(f) for f in flags)
 
 
-# RECALL_SQL's method columns: (column, header suffix, title name).
-RECALL_COLUMNS = (("freestyle", "FSR", "FreestyleRet (FSR)"),
-                  ("untrained", "untr", "its untrained prompts (untr)"),
-                  ("baseline", "base", "CLIP without prompts (base)"))
+def _method_columns(config: Config) -> list[tuple[str, str, str]]:
+    """(recall_sql column, header suffix, legend) of each configured method."""
+    from pipeline import methods
+
+    return [(m.name, m.short, m.title) for m in methods.configured(config)]
 
 
-def _recall_view(result) -> Table:
-    """One row per (protocol, query set): Recall@K of FreestyleRet, the untrained prompts
-    (when scored) and the baseline per K."""
+def _recall_view(result, config: Config) -> Table:
+    """One row per (protocol, query set): Recall@K of each configured method per K."""
     rows = result.to_pylist()
     ks = sorted({r["k"] for r in rows})
-    methods = [m for m in RECALL_COLUMNS if any(r[m[0]] is not None for r in rows)]
+    methods = [m for m in _method_columns(config) if any(r[m[0]] is not None for r in rows)]
     table = Table("protocol", "queries", "fusion", "n",
                   *[f"R@{k} {short}" for k in ks for _, short, _ in methods],
                   title="Recall@K on the test split: " + ", ".join(n for *_, n in methods))
@@ -198,16 +198,17 @@ def _recall_view(result) -> Table:
     return table
 
 
-def _paired_view(rows: list[dict]) -> Table:
-    """One row per (protocol, query set) at the smallest K: FreestyleRet's wins and losses
-    against each other method, query by query, and the sign test's p."""
+def _paired_view(rows: list[dict], config: Config) -> Table:
+    """One row per (protocol, query set) at the smallest K: the first method's wins and
+    losses against each other method, query by query, and the sign test's p."""
     k = min(r["k"] for r in rows)
     rows = [r for r in rows if r["k"] == k]
-    methods = [m for m in RECALL_COLUMNS[1:] if any(r["versus"] == m[0] for r in rows)]
+    (_, first, _), *others = _method_columns(config)
+    methods = [m for m in others if any(r["versus"] == m[0] for r in rows)]
     table = Table("protocol", "queries", "fusion", "n",
-                  *[f"FSR vs {short}" for _, short, _ in methods],
-                  title=f"Query by query at R@{k}: +queries only FSR finds, -queries only the "
-                        "other finds; p: exact sign test (small p: a real difference)")
+                  *[f"{first} vs {short}" for _, short, _ in methods],
+                  title=f"Query by query at R@{k}: +queries only {first} finds, -queries only "
+                        "the other finds; p: exact sign test (small p: a real difference)")
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["protocol"], r["style"], r["fusion"]), {})[r["versus"]] = r

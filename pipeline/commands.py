@@ -214,53 +214,55 @@ def sql(config: Config, query: str) -> pa.Table:
     return catalog.query_plans(query, plan_rows(stages, config), views)
 
 
-# The FreestyleRet-vs-baseline Recall@K table that `fsr-pipe run all` prints (untrained is
-# NULL unless embed.untrained is on).
-RECALL_SQL = (
-    "SELECT protocol, style, fusion, k, "
-    "max(value) FILTER (WHERE method = 'freestyle') AS freestyle, "
-    "max(value) FILTER (WHERE method = 'untrained') AS untrained, "
-    "max(value) FILTER (WHERE method = 'baseline') AS baseline, max(n_queries) AS queries "
-    "FROM retrieval_metrics WHERE metric = 'recall' GROUP BY ALL "
-    "ORDER BY protocol DESC, style, fusion, k"
-)
+def recall_sql(config: Config) -> str:
+    """The Recall@K table `fsr-pipe run all` prints: a column per configured method."""
+    columns = "".join(f"max(value) FILTER (WHERE method = '{name}') AS {name}, "
+                      for name in config.score.methods)
+    return ("SELECT protocol, style, fusion, k, " + columns + "max(n_queries) AS queries "
+            "FROM retrieval_metrics WHERE metric = 'recall' GROUP BY ALL "
+            "ORDER BY protocol DESC, style, fusion, k")
 
 
 def recall_table(config: Config) -> pa.Table | None:
-    """RECALL_SQL's result, or None when the score stage has not finished for this config."""
+    """recall_sql's result, or None when the score stage has not finished for this config."""
     if not any(st.stage == "score" and st.planned and st.done and not st.pending
                and not st.failed and not st.running for st in status(config)):
         return None
-    return sql(config, RECALL_SQL)
+    return sql(config, recall_sql(config))
 
 
-# Per query set, FreestyleRet against each other scored method on the same queries: how many
-# queries only FreestyleRet finds in its top K (wins) and how many only the other finds
-# (losses). `fsr-pipe run all` adds the exact sign-test p-value of each line (paired_table).
-PAIRED_SQL = (
-    "SELECT f.protocol, f.style, f.fusion, o.method AS versus, ks.k, count(*) AS queries, "
-    "count(*) FILTER (WHERE f.rank <= ks.k AND NOT coalesce(o.rank <= ks.k, false)) AS wins, "
-    "count(*) FILTER (WHERE o.rank <= ks.k AND NOT coalesce(f.rank <= ks.k, false)) AS losses "
-    "FROM query_ranks f JOIN query_ranks o ON o.method <> 'freestyle' "
-    "AND o.protocol = f.protocol AND o.style = f.style AND o.fusion = f.fusion "
-    "AND o.query_id = f.query_id AND o.partner_id IS NOT DISTINCT FROM f.partner_id "
-    "CROSS JOIN (SELECT DISTINCT k FROM retrieval_metrics WHERE metric = 'recall') ks "
-    "WHERE f.method = 'freestyle' GROUP BY ALL "
-    "ORDER BY f.protocol DESC, f.style, f.fusion, versus, ks.k"
-)
+def paired_sql(config: Config) -> str:
+    """Per query set, the first configured method (FreestyleRet) against each other one on
+    the same queries: how many queries only the first finds in its top K (wins) and how many
+    only the other finds (losses). `fsr-pipe run all` adds the exact sign-test p-value of each
+    line (paired_table)."""
+    first = config.score.methods[0]
+    return (
+        "SELECT f.protocol, f.style, f.fusion, o.method AS versus, ks.k, count(*) AS queries, "
+        "count(*) FILTER (WHERE f.rank <= ks.k AND NOT coalesce(o.rank <= ks.k, false)) AS wins, "
+        "count(*) FILTER (WHERE o.rank <= ks.k AND NOT coalesce(f.rank <= ks.k, false)) AS "
+        f"losses FROM query_ranks f JOIN query_ranks o ON o.method <> '{first}' "
+        "AND o.protocol = f.protocol AND o.style = f.style AND o.fusion = f.fusion "
+        "AND o.query_id = f.query_id AND o.partner_id IS NOT DISTINCT FROM f.partner_id "
+        "CROSS JOIN (SELECT DISTINCT k FROM retrieval_metrics WHERE metric = 'recall') ks "
+        f"WHERE f.method = '{first}' GROUP BY ALL "
+        "ORDER BY f.protocol DESC, f.style, f.fusion, versus, ks.k"
+    )
+
+
 SINGLE_STYLES = "single styles"  # paired_table's pooled row over the unfused query sets
 
 
 def paired_table(config: Config) -> list[dict]:
-    """PAIRED_SQL's rows, plus per (protocol, versus, k) one row pooling the single-style
+    """paired_sql's rows, plus per (protocol, versus, k) one row pooling the single-style
     sets (style SINGLE_STYLES), each with `p`: the exact two-sided sign test of wins vs
     losses. Read it once score has finished (`recall_table` is not None); empty when score
-    scored FreestyleRet alone."""
-    return with_pooled_and_p(sql(config, PAIRED_SQL).to_pylist())
+    scored one method."""
+    return with_pooled_and_p(sql(config, paired_sql(config)).to_pylist())
 
 
 def with_pooled_and_p(rows: list[dict]) -> list[dict]:
-    """PAIRED_SQL rows + the pooled single-style rows, each with its sign-test `p`."""
+    """paired_sql rows + the pooled single-style rows, each with its sign-test `p`."""
     pooled: dict[tuple, dict] = {}
     for r in rows:
         if r["fusion"] == "none":

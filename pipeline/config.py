@@ -179,6 +179,10 @@ class ModelConfig:
     deep_init: Literal["gram", "style", "random"] = "gram"
     # Vision layers that count as shallow; -1 = half of them (docs/method.md).
     shallow_layers: int = -1
+    # What trains (docs/method.md 3 and 8): "paper" = prompt generators + vision LayerNorms;
+    # "authors" = what the authors' code trains (+ text LayerNorms, attention in-projections,
+    # embeddings and projections); "layernorm" = vision LayerNorms alone, no prompts (control).
+    trainable: Literal["paper", "authors", "layernorm"] = "paper"
 
     def validate(self) -> None:
         _check(bool(self.arch), "model.arch", "must name an open_clip or project architecture")
@@ -219,11 +223,6 @@ class TrainConfig:
 class EmbedConfig:
     # Stored embedding precision.
     dtype: Literal["float32", "float16"] = "float32"
-    # Also embed the gallery with the plain CLIP (no prompts), the baseline `score` reports.
-    baseline: bool = True
-    # Also embed it with the untrained prompts (the train stage's fresh init, same seed): the
-    # `untrained` rows `score` reports, trained vs untrained on the test split.
-    untrained: bool = False
     batch_size: int = _run_only(64)
     num_workers: int = _run_only(1)
     amp: Literal["auto", "bf16", "fp16", "off"] = _run_only("auto")
@@ -262,10 +261,14 @@ class IndexConfig:
 
 
 FUSED_PAIRS = ("sketch+text", "art+text", "lowres+text")
+FUSIONS = ("softmax-max", "cosine-max", "mean")
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
+    # Retrieval methods embedded, indexed and scored side by side, the first one compared
+    # query by query with each other (pipeline/methods: freestyle, untrained, baseline, vpt).
+    methods: tuple[str, ...] = ("freestyle", "baseline")
     # Recall@K cut-offs: the query's own photo in the top K.
     ks: tuple[int, ...] = (1, 5, 10)
     # Class-level mAP@map_k and P@map_k, where the dataset has class labels.
@@ -275,11 +278,19 @@ class ScoreConfig:
     # always scores the union of its two short lists exactly).
     nprobe: int = 32
     rerank_k: int = 200
-    # Two-query searches "<style>+<style>"; both fusion rules are reported (docs/method.md 6).
+    # Two-query searches "<style>+<style>", scored under each fusion rule (docs/method.md 6):
+    # softmax-max (the authors': per gallery item, the larger of the two queries'
+    # softmax(100 cos) probabilities), cosine-max (the larger raw cosine), mean (of the two
+    # normalised embeddings).
     fused: tuple[str, ...] = FUSED_PAIRS
-    fusions: tuple[Literal["max", "mean"], ...] = ("max", "mean")
-    # The authors' protocol: rank within consecutive batches of this many (query, photo) pairs.
+    fusions: tuple[str, ...] = FUSIONS
+    # softmax-max in the gallery protocol: the softmax runs over the whole gallery (exact,
+    # one pass over the stored vectors per query) or over the union of the two short lists.
+    softmax_over: Literal["gallery", "shortlist"] = "gallery"
+    # The authors' protocol: rank within consecutive batches of this many (query, photo) pairs;
+    # batch_drop_last leaves out the last, shorter batch, as their DataLoader does.
     batch_pairs: int = 24
+    batch_drop_last: bool = False
     # Top-k results kept per query in the results Parquet.
     keep_k: int = 10
     batch_size: int = _run_only(64)
@@ -287,6 +298,14 @@ class ScoreConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = _run_only("auto")
 
     def validate(self) -> None:
+        from pipeline.methods import registered  # light: method modules import torch lazily
+
+        known = registered()
+        _check(bool(self.methods), "score.methods", f"must name at least one of {sorted(known)}")
+        bad = sorted(set(self.methods) - set(known))
+        _check(not bad, "score.methods", f"unknown method(s) {bad}; methods: {sorted(known)}")
+        _check(len(set(self.methods)) == len(self.methods), "score.methods",
+               f"lists a method twice: {list(self.methods)}")
         _check(bool(self.ks) and all(k >= 1 for k in self.ks), "score.ks",
                "must be a non-empty list of values >= 1")
         _check(self.map_k >= 1, "score.map_k", "must be >= 1")
@@ -297,6 +316,12 @@ class ScoreConfig:
             _check(len(parts) == 2 and all(parts) and parts[0] != parts[1], "score.fused",
                    f"{pair!r} is not '<style>+<style>' with two different styles, e.g. "
                    "'sketch+text'")
+        bad = [f for f in self.fusions if f not in FUSIONS]
+        _check(not bad, "score.fusions", f"unknown fusion(s) {bad}; allowed: {list(FUSIONS)}"
+               + ("; 'max' is now 'cosine-max' (raw cosines; the authors' rule is "
+                  "'softmax-max')" if "max" in bad else ""))
+        _check(len(set(self.fusions)) == len(self.fusions), "score.fusions",
+               f"lists a fusion twice: {list(self.fusions)}")
         _check(self.batch_pairs >= 2, "score.batch_pairs", "must be >= 2")
         _check(self.keep_k >= 1, "score.keep_k", "must be >= 1")
         _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
@@ -380,12 +405,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys an earlier fsr-pipe had: what replaced them.
+MOVED = {
+    "embed.baseline": "baseline is gone: list the methods in score.methods instead, e.g. "
+                      'methods = ["freestyle", "untrained", "baseline"] under [score]',
+    "embed.untrained": "untrained is gone: list the methods in score.methods instead, e.g. "
+                       'methods = ["freestyle", "untrained", "baseline"] under [score]',
+}
+
+
 def _build_section(cls: type, name: str, values: dict[str, Any]) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"[{name}] must be a table, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
+    if moved := [MOVED[f"{name}.{k}"] for k in unknown if f"{name}.{k}" in MOVED]:
+        raise ConfigError(f"[{name}] {moved[0]}")
     if unknown:
         raise ConfigError(
             f"[{name}] unknown key(s) {unknown}; allowed: {sorted(known)}"

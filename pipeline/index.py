@@ -16,7 +16,7 @@ The index structure is a FAISS factory string; `plan_index` picks one from the g
 a memory budget and says why in `IndexPlan.reason` (the stage logs it and stores the plan).
 """
 
-# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (STYLE.md field vocabulary)
+# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (as in faiss and its docs)
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from pipeline.artifacts import atomic_path
+from pipeline.retrieval import SOFTMAX_SCALE, logsumexp_rows
 
 log = logging.getLogger(__name__)
 
@@ -393,9 +394,11 @@ def rerank(
 
 
 def _exact_top_k(
-    xqs: list[np.ndarray], I: np.ndarray, lookup: VectorLookup, k: int
+    xqs: list[np.ndarray], I: np.ndarray, lookup: VectorLookup, k: int,
+    scale: float = 1.0, offsets: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of each row of I by the max over `xqs` of the exact inner products."""
+    """Top-k of each row of I by the max over `xqs` of the exact inner products; with
+    `offsets`, of scale * (x . v) - offset (one offset per query row and array)."""
     xqs = [np.ascontiguousarray(x, dtype=np.float32) for x in xqs]
     xq = xqs[0]
     I = np.asarray(I, dtype=np.int64)
@@ -405,6 +408,8 @@ def _exact_top_k(
         raise ValueError(f"k must be >= 1; got {k}")
     if I.ndim != 2 or len(I) != len(xq):
         raise ValueError(f"I must be ({len(xq)}, k') for {len(xq)} queries; got {I.shape}")
+    if offsets is not None and len(offsets) != len(xqs):
+        raise ValueError(f"need one offset array per query array; got {len(offsets)}")
     nq, width = I.shape
     D_out = np.full((nq, k), MISSING_SCORE, dtype=np.float32)
     I_out = np.full((nq, k), -1, dtype=np.int64)
@@ -419,9 +424,12 @@ def _exact_top_k(
     for start in range(0, nq, block):
         stop = min(nq, start + block)
         gathered = xb[rows[start:stop]]
-        scores = np.einsum("qd,qwd->qw", xqs[0][start:stop], gathered)
-        for other in xqs[1:]:
-            scores = np.maximum(scores, np.einsum("qd,qwd->qw", other[start:stop], gathered))
+        scores = None
+        for j, x in enumerate(xqs):
+            s = np.einsum("qd,qwd->qw", x[start:stop], gathered)
+            if offsets is not None:
+                s = scale * s.astype(np.float64) - np.asarray(offsets[j])[start:stop, None]
+            scores = s if scores is None else np.maximum(scores, s)
         scores[I[start:stop] < 0] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
         top = np.take_along_axis(scores, order, axis=1)
@@ -478,17 +486,47 @@ def search_rerank(
 
 def search_fused_max(
     index: faiss.Index, xa: np.ndarray, xb: np.ndarray, k: int, nprobe: int, short_k: int,
-    lookup: VectorLookup,
+    lookup: VectorLookup, softmax: bool = False,
+    log_z: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k gallery items by max(xa . v, xb . v): the authors' two-query `max` fusion.
+    """Top-k gallery items of a two-query search, fused per gallery item by a max.
+
+    softmax=False (`cosine-max`): max(xa . v, xb . v). softmax=True (`softmax-max`, the
+    authors'): max of the two queries' softmax(SOFTMAX_SCALE * cos) probabilities, as
+    log-probabilities; `log_z` = each query's log-partition over the whole gallery
+    (retrieval.log_partition), or None to take it over the union of the two short lists.
 
     Each query's short list of max(k, short_k) comes from the index; their union is scored
     exactly from the stored vectors. With exact short lists this equals the max over the
-    whole gallery: an item in the fused top-k is in the top-k of one of the two queries.
+    whole gallery, for either rule: each query's score is increasing in its cosine, so an
+    item in the fused top-k is in the top-k of one of the two queries.
     """
     width = max(k, short_k)
     _, I_a = search(index, xa, width, nprobe)
     _, I_b = search(index, xb, width, nprobe)
     I = np.sort(np.concatenate([I_a, I_b], axis=1), axis=1)
     I[:, 1:][I[:, 1:] == I[:, :-1]] = -1  # an id in both lists counts once
-    return _exact_top_k([xa, xb], I, lookup, k)
+    if not softmax:
+        return _exact_top_k([xa, xb], I, lookup, k)
+    if log_z is None:
+        log_z = tuple(_union_log_z(x, I, lookup, SOFTMAX_SCALE) for x in (xa, xb))
+    return _exact_top_k([xa, xb], I, lookup, k, SOFTMAX_SCALE, list(log_z))
+
+
+def _union_log_z(x: np.ndarray, I: np.ndarray, lookup: VectorLookup,
+                 scale: float) -> np.ndarray:
+    """Per row, log sum exp(scale * x . v) over the valid ids of that row of I."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ids = np.unique(I[I >= 0])
+    if ids.size == 0:
+        return np.full(len(x), -np.inf)
+    xb = _fetch(lookup, ids, x.shape[1])
+    rows = np.searchsorted(ids, np.maximum(I, ids[0]))
+    out = np.empty(len(x))
+    block = max(1, (1 << 22) // max(1, I.shape[1] * x.shape[1]))
+    for start in range(0, len(x), block):
+        stop = min(len(x), start + block)
+        logits = scale * np.einsum("qd,qwd->qw", x[start:stop], xb[rows[start:stop]])
+        logits = np.where(I[start:stop] >= 0, logits.astype(np.float64), -np.inf)
+        out[start:stop] = logsumexp_rows(logits)
+    return out

@@ -15,9 +15,70 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import ArtifactRecord, FailureRecord, MetricRecord
-
 RECORDS = "_records"
+
+
+# What stages hand back and the catalog stores (no DuckDB here: workers never load it).
+
+
+@dataclass(frozen=True)
+class UnitRow:
+    stage: str
+    key: str
+    fingerprint: str
+    status: str
+    params: dict[str, Any]
+    host: str | None = None
+    pid: int | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    kind: str
+    path: str
+    rows: int | None
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    item_kind: str
+    item_id: int | None
+    path: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    name: str
+    value: float
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """A catalog view over the Parquet files of one artifact kind of a stage's current plan."""
+
+    name: str
+    stage: str
+    kind: str
+    # Column list used when no file exists yet, so the view always binds.
+    empty_columns: str
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """A stage's plan as the `stages` table stores it (without planned_at)."""
+
+    stage: str
+    fingerprint: str
+    code_version: str
+    config_json: str
+    inputs_json: str
+    notes: str | None = None
+    position: int | None = None  # the stage's place in the pipeline (stage_summary's order)
 
 
 @dataclass(frozen=True)

@@ -7,20 +7,23 @@ fractions in [0, 1], not percentages.
     recall_at_k(I, targets)                                   # {1: .., 5: .., 10: ..}
     map_at_k(I, query_labels, gallery_labels, k=200, gallery_ids=ids)
     precision_at_k(I, query_labels, gallery_labels, k=200, gallery_ids=ids)
+    fuse_softmax_max(sim_sketch, sim_text)          # the authors' two-query fusion
     fuse_max(sim_sketch, sim_text); fuse_mean(emb_sketch, emb_text)
     batch_recall(batch_protocol_ranks(q_emb, g_emb, batch_size=24))
     sign_test_p(wins=9, losses=2)                              # paired: is method A better?
 """
 
-# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (STYLE.md field vocabulary)
+# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (as in faiss and its docs)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 RECALL_KS = (1, 5, 10)
+# The authors turn cosines into probabilities as softmax(100 * cos) (CLIP's logit scale).
+SOFTMAX_SCALE = 100.0
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -189,12 +192,57 @@ def precision_at_k(
 
 
 def fuse_max(sim_a: np.ndarray, sim_b: np.ndarray) -> np.ndarray:
-    """Per gallery item, the larger of two similarity rows (the authors' sketch+text fusion)."""
+    """Per gallery item, the larger of two raw cosine rows (fusion `cosine-max`). Not the
+    authors' rule (fuse_softmax_max): with a real CLIP, text-image cosines sit far below
+    image-image ones, so the image query decides almost every ranking."""
     sim_a = np.asarray(sim_a)
     sim_b = np.asarray(sim_b)
     if sim_a.shape != sim_b.shape:
         raise ValueError(f"similarities must have the same shape; got {sim_a.shape}, {sim_b.shape}")
     return np.maximum(sim_a, sim_b)
+
+
+def log_partition(x: np.ndarray, blocks: Iterable[np.ndarray],
+                  scale: float = SOFTMAX_SCALE) -> np.ndarray:
+    """(n,) float64 log sum_j exp(scale * x_i . v_j) over the vectors of `blocks` (e.g. a
+    VectorStore's, the whole gallery), streamed: the offset that turns row i's scaled cosines
+    into log-softmax values."""
+    x = np.asarray(x, dtype=np.float32)
+    total = np.full(len(x), -np.inf)
+    for block in blocks:
+        logits = scale * (x @ np.asarray(block, dtype=np.float32).T).astype(np.float64)
+        total = np.logaddexp(total, logsumexp_rows(logits))
+    return total
+
+
+def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log sum exp of a 2-D array (-inf for rows with no finite value)."""
+    if logits.shape[1] == 0:
+        return np.full(len(logits), -np.inf)
+    top = np.max(logits, axis=1, keepdims=True)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    return (safe + np.log(np.exp(logits - safe).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def fuse_softmax_max(sim_a: np.ndarray, sim_b: np.ndarray, log_z_a: np.ndarray | None = None,
+                     log_z_b: np.ndarray | None = None,
+                     scale: float = SOFTMAX_SCALE) -> np.ndarray:
+    """The authors' two-query fusion (`softmax-max`): per gallery item, the larger of the two
+    queries' softmax(scale * cos) probabilities, as log-probabilities (same order).
+
+    sim_a, sim_b: (n, m) cosines of each query against m gallery items. log_z_a, log_z_b: each
+    row's log-partition over the gallery the softmax runs over (`log_partition`); None = over
+    these m columns (the batch protocol's batch, a dense gallery).
+    """
+    sim_a = np.asarray(sim_a, dtype=np.float64)
+    sim_b = np.asarray(sim_b, dtype=np.float64)
+    if sim_a.shape != sim_b.shape or sim_a.ndim != 2:
+        raise ValueError(f"similarities must be the same (n, m) shape; got {sim_a.shape}, "
+                         f"{sim_b.shape}")
+    a, b = scale * sim_a, scale * sim_b
+    log_z_a = logsumexp_rows(a) if log_z_a is None else np.asarray(log_z_a, dtype=np.float64)
+    log_z_b = logsumexp_rows(b) if log_z_b is None else np.asarray(log_z_b, dtype=np.float64)
+    return np.maximum(a - log_z_a[:, None], b - log_z_b[:, None])
 
 
 def fuse_mean(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
@@ -214,6 +262,7 @@ def batch_protocol_ranks(
     g_emb: np.ndarray,
     batch_size: int = 24,
     q_emb_extra: np.ndarray | None = None,
+    fusion: str = "softmax-max",
 ) -> np.ndarray:
     """Rank (1-based) of each query's own photo within its batch of `batch_size` pairs.
 
@@ -221,8 +270,11 @@ def batch_protocol_ranks(
     pairs (the last one possibly smaller) are scored by cosine, as in the authors' evaluation
     (docs/method.md 6, only for comparison with published numbers). rank = number of photos in the
     batch at least as similar as the own photo, so ties count against the query. With
-    `q_emb_extra` (e.g. the text of a sketch+text query), similarities are `fuse_max`-ed.
+    `q_emb_extra` (e.g. the text of a sketch+text query), the two similarity rows are fused by
+    `fusion`: `softmax-max` (the authors': softmax over the batch's photos) or `cosine-max`.
     """
+    if fusion not in ("softmax-max", "cosine-max"):
+        raise ValueError(f"fusion must be 'softmax-max' or 'cosine-max'; got {fusion!r}")
     q = _unit_rows(q_emb)
     g = _unit_rows(g_emb)
     extra = None if q_emb_extra is None else _unit_rows(q_emb_extra)
@@ -236,7 +288,9 @@ def batch_protocol_ranks(
         stop = min(start + batch_size, len(q))
         sim = q[start:stop] @ g[start:stop].T
         if extra is not None:
-            sim = fuse_max(sim, extra[start:stop] @ g[start:stop].T)
+            other = extra[start:stop] @ g[start:stop].T
+            sim = (fuse_softmax_max(sim, other) if fusion == "softmax-max"
+                   else fuse_max(sim, other))
         own = np.diagonal(sim)[:, None]
         ranks[start:stop] = (sim >= own).sum(axis=1)
     return ranks

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.artifacts import remove_stale_tmp
-from pipeline.catalog import Catalog, PlanRow, UnitRow
+from pipeline.catalog import Catalog
 from pipeline.config import Config
 from pipeline.device import resolve_device
 from pipeline.executors import Executor, Outcome, make_executor
 from pipeline.jobs import Inputs, Job, StagePlan, plan_path, write_plan
 from pipeline.leases import read_leases, release
 from pipeline.progress import ProgressBoard
-from pipeline.records import UnitRecord, check_record, read_records, run_relative
+from pipeline.records import PlanRow, UnitRecord, UnitRow, check_record, read_records, run_relative
 from pipeline.stage import PipelineError, Stage, StageContext
 from pipeline.worker import GOOD_ITEMS
 
@@ -77,21 +77,23 @@ def fingerprints(stages: Sequence[Stage], config: Config) -> dict[str, str]:
     return result
 
 
-def plan_meta(stage: Stage, config: Config, inputs: dict[str, str]) -> dict:
-    """What the catalog's `stages` table records of a plan besides its fingerprint."""
+def plan_meta(stage: Stage, config: Config, inputs: dict[str, str],
+              position: int | None = None) -> dict:
+    """What the catalog's `stages` table records of a plan besides its fingerprint;
+    `position`: the stage's place in the pipeline."""
     return {"code_version": stage.version, "config": stage.config_values(config),
-            "inputs": inputs, "notes": stage.notes(config)}
+            "inputs": inputs, "notes": stage.notes(config), "position": position}
 
 
 def plan_rows(stages: Sequence[Stage], config: Config) -> list[PlanRow]:
     """Every stage's plan under `config`, as `stages` table rows (for Catalog.query_plans)."""
     fps = fingerprints(stages, config)
     rows = []
-    for stage in stages:
-        meta = plan_meta(stage, config, {n: fps[n] for n in stage.needs})
+    for position, stage in enumerate(stages):
+        meta = plan_meta(stage, config, {n: fps[n] for n in stage.needs}, position)
         rows.append(PlanRow(stage.name, fps[stage.name], meta["code_version"],
                             json.dumps(meta["config"]), json.dumps(meta["inputs"]),
-                            meta["notes"]))
+                            meta["notes"], position))
     return rows
 
 
@@ -253,6 +255,9 @@ class Runner:
                 )
             self._check_failures(name, fp)  # as `run` would have stopped
 
+    def _position(self, stage: Stage) -> int:
+        return [s.name for s in self.stages].index(stage.name)
+
     def plan(self, stage: Stage) -> list[UnitRow]:
         """The stage's frozen plan for its fingerprint (planning it now if there is none),
         with its plan file for workers written."""
@@ -262,12 +267,12 @@ class Runner:
         if units and path.exists():
             if self.catalog.current_fingerprint(stage.name) != fp:
                 meta = plan_meta(stage, self.config, {n: self.fingerprints[n]
-                                                      for n in stage.needs})
+                                                      for n in stage.needs}, self._position(stage))
                 self.catalog.save_plan(stage.name, fp, meta, [])
             return units
         inputs = upstream_inputs(self.catalog, stage, self.fingerprints, self.config.work_dir)
         ctx = self.context(stage, inputs)
-        meta = plan_meta(stage, self.config, inputs.fingerprints)
+        meta = plan_meta(stage, self.config, inputs.fingerprints, self._position(stage))
         if units:  # planned by an fsr-pipe without plan files: keep the catalog's plan
             planned = [(u.key, u.params) for u in units]
         else:

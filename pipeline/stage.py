@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pipeline.catalog import ArtifactRecord, FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.config import Config, fingerprint_fields
 from pipeline.jobs import Inputs
+from pipeline.records import ArtifactRecord, FailureRecord, MetricRecord, UnitRow, ViewSpec
 
 
 class PipelineError(RuntimeError):

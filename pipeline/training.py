@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from pipeline.arrays import stable_uniform
 from pipeline.artifacts import atomic_path, write_bytes
 from pipeline.data.images import BadInput, load_rgb, to_tensor
-from pipeline.data.loader import ImageItem, iter_batches
+from pipeline.data.loader import ImageItem, encode_items
+from pipeline.device import autocast
 
 
 @dataclass(frozen=True)
@@ -150,28 +152,6 @@ def triplet_batches(data: TripletData, batch_size: int, num_workers: int,
                       pin_memory=pin_memory, drop_last=False, collate_fn=collate_triplets)
 
 
-def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """The autocast dtype for `amp` on `device` (auto = bf16 where the GPU has it, else fp16);
-    None = fp32, always on CPU."""
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "auto":  # native bf16 only (Ampere on): emulated bf16 on a T4 / V100 is slow
-        amp = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA as configured; fp32 (no autocast) on CPU."""
-    dtype = amp_dtype(device, amp)
-    return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
-
-
-def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
-    """Loss scaling for fp16 autocast, whose small gradients underflow to zero without it (GPUs
-    without bf16: T4, V100); a pass-through for bf16 and fp32."""
-    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
-
-
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler) -> None:
     """Backward and step through the scaler: it unscales the gradients before the step and
@@ -260,20 +240,17 @@ def validate(model: torch.nn.Module, queries: Sequence[Query], photos: dict[int,
 
     def encode_images(kind: str, keys: Sequence[int],
                       paths: Sequence[str]) -> tuple[list[int], np.ndarray]:
-        items = [ImageItem(kind, key, path) for key, path in zip(keys, paths)]
-        done, out = [], []
-        for batch in iter_batches(items, image_size, max_pixels, batch_size, num_workers=0):
-            bad.extend([item.item_kind, item.item_id, item.path, reason]
-                       for item, reason in batch.failures)
-            if batch.pixels is None:
-                continue
-            chunk = [item.item_id for item in batch.items]
-            gram = torch.stack([torch.as_tensor(grams[key]) for key in chunk]).to(device)
-            with autocast(device, amp):
-                out.append(model.encode_image(batch.pixels.to(device),
-                                              gram).float().cpu().numpy())
-            done += chunk
-        return done, (np.concatenate(out) if out else np.zeros((0, 1), np.float32))
+        def encode(pixels: torch.Tensor, items: list[ImageItem]) -> torch.Tensor:
+            gram = torch.stack([torch.as_tensor(grams[i.item_id]) for i in items]).to(device)
+            return model.encode_image(pixels, gram)
+
+        done = encode_items([ImageItem(kind, key, path) for key, path in zip(keys, paths)],
+                            encode, image_size=image_size, max_pixels=max_pixels,
+                            batch_size=batch_size, num_workers=0, device=device, amp=amp)
+        bad.extend([item.item_kind, item.item_id, item.path, reason]
+                   for item, reason in done.failures)
+        out = done.out if done.items else np.zeros((0, 1), np.float32)
+        return [item.item_id for item in done.items], out
 
     keys = sorted(photos)
     ids, gallery = encode_images("gallery", keys, [photos[i] for i in keys])
@@ -376,3 +353,63 @@ def prune_checkpoints(directory: Path, keep: Sequence[int]) -> None:
             continue
         if epoch not in keep:
             path.unlink(missing_ok=True)
+
+
+# -- the epoch loop -----------------------------------------------------------------------
+
+
+@dataclass
+class Fit:
+    """What `fit` trains and where: the model with its optimizer and loss scaler, the folder
+    its checkpoints go to, the config each checkpoint carries, and the bad inputs met since the
+    last checkpoint (the epoch and validation passes append to `bad`)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    out: Path
+    config: dict[str, Any]
+    bad: list[BadItem] = field(default_factory=list)
+
+
+def fit(state: Fit, epochs: int, patience: int, run_epoch: Callable[[int], float],
+        evaluate: Callable[[], dict[str, float]], log: logging.Logger,
+        name: str = "train") -> History:
+    """Train up to `epochs` and return the history. Epoch 0 is `evaluate()` before any step
+    (the untrained model, the reference to beat); then per epoch `run_epoch(epoch)` (its mean
+    loss) and `evaluate()` ({"val_recall@1": ..., ...}), a checkpoint after each, the latest
+    and the best kept. Resumes after the latest complete checkpoint in `state.out`; stops
+    early after `patience` epochs without a better validation score. `name` prefixes the
+    log lines."""
+    start = latest_checkpoint(state.out)
+    if start is None:
+        history = History()
+        _end_epoch(state, history, 0, {"loss": None, **evaluate()}, log, name)
+        start = 0
+    else:
+        history = load_checkpoint(state.out, start, state.model, state.optimizer, state.scaler)
+        log.info("%s: resuming after epoch %d (best so far: epoch %d, R@1 %.3f)", name, start,
+                 history.best_epoch, history.best_score)
+    for epoch in range(start + 1, epochs + 1):
+        if history.bad_epochs >= patience:
+            log.info("%s: early stop, no better validation R@1 for %d epochs", name,
+                     history.bad_epochs)
+            break
+        loss = run_epoch(epoch)
+        _end_epoch(state, history, epoch, {"loss": loss, **evaluate()}, log, name)
+    return history
+
+
+def _end_epoch(state: Fit, history: History, epoch: int, metrics: dict[str, Any],
+               log: logging.Logger, name: str) -> None:
+    for kind, item_id, path, reason in history.add_bad_inputs(state.bad):
+        log.warning("%s: %s %d (%s) is a bad input now (%s), though extract read it; left "
+                    "out of training and recorded", name, kind, item_id, path, reason)
+    state.bad.clear()
+    best = history.update(epoch, metrics)
+    save_checkpoint(state.out, epoch, state.model, state.optimizer, state.scaler, history,
+                    state.config)
+    prune_checkpoints(state.out, keep={epoch, history.best_epoch})
+    loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # None at epoch 0
+    log.info("%s epoch %d: loss %s, validation R@1 %.3f%s", name, epoch, loss,
+             metrics["val_recall@1"], " (best)" if best else "")

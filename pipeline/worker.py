@@ -18,10 +18,16 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from pipeline.artifacts import remove_stale_tmp
-from pipeline.catalog import MetricRecord, UnitRow
 from pipeline.jobs import Job, PlanMissing, read_plan
 from pipeline.leases import Holding, UnitBusy, check_free, this_host
-from pipeline.records import UnitRecord, record_path, relative_artifacts, write_record
+from pipeline.records import (
+    MetricRecord,
+    UnitRecord,
+    UnitRow,
+    record_path,
+    relative_artifacts,
+    write_record,
+)
 from pipeline.stage import PipelineError, Stage, StageContext
 
 GOOD_ITEMS = "good_items"  # the metric holding UnitResult.good

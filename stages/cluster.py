@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.arrays import arrow_to_vectors, stable_uniform, vectors_to_arrow
 from pipeline.artifacts import describe, write_parquet
-from pipeline.catalog import MetricRecord, UnitRow, ViewSpec
+from pipeline.records import MetricRecord, UnitRow, ViewSpec
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
 from pipeline.style_space import (
     adjusted_rand_index,

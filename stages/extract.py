@@ -17,11 +17,11 @@ import torch
 
 from pipeline.arrays import vectors_to_arrow
 from pipeline.artifacts import describe, write_parquet
-from pipeline.catalog import FailureRecord, UnitRow, ViewSpec
 from pipeline.config import Config
-from pipeline.data.loader import ImageItem, iter_batches
+from pipeline.data.loader import ImageItem, encode_items
 from pipeline.device import resolve_device
 from pipeline.models.style import build_gram_encoder, check_vgg_weights
+from pipeline.records import FailureRecord, UnitRow, ViewSpec
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
 
 
@@ -84,22 +84,20 @@ class ExtractStage(Stage):
         encoder = self.encoder(ctx.config)
         device = next(encoder.parameters()).device
         items = _items(ctx, unit.key)
-        ids: dict[str, list[int]] = {"query": [], "gallery": []}
-        vectors: dict[str, list[np.ndarray]] = {"query": [], "gallery": []}
-        failures = []
-        batches = iter_batches(items, cfg.image_size, ctx.config.data.max_image_pixels,
-                               cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
-        with ctx.progress(f"extract {unit.key}", len(items)) as advance, torch.inference_mode():
-            for batch in batches:
-                failures += [FailureRecord(item.item_kind, item.item_id, item.path, reason)
-                             for item, reason in batch.failures]
-                if batch.pixels is not None:
-                    out = encoder(batch.pixels.to(device, non_blocking=True)).float().cpu().numpy()
-                    for kind in ("query", "gallery"):
-                        rows = [i for i, item in enumerate(batch.items) if item.item_kind == kind]
-                        ids[kind] += [batch.items[i].item_id for i in rows]
-                        vectors[kind].append(out[rows])
-                advance(len(batch.items) + len(batch.failures))
+        with ctx.progress(f"extract {unit.key}", len(items)) as advance:
+            done = encode_items(items, lambda pixels, _: encoder(pixels),
+                                image_size=cfg.image_size,
+                                max_pixels=ctx.config.data.max_image_pixels,
+                                batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                device=device, progress=advance)
+        failures = [FailureRecord(item.item_kind, item.item_id, item.path, reason)
+                    for item, reason in done.failures]
+        ids: dict[str, list[int]] = {}
+        vectors: dict[str, list[np.ndarray]] = {}
+        for kind in ("query", "gallery"):
+            rows = [i for i, item in enumerate(done.items) if item.item_kind == kind]
+            ids[kind] = [done.items[i].item_id for i in rows]
+            vectors[kind] = [done.out[rows]] if rows else []
         dim = encoder.out_dim
         out_dir = ctx.out_dir / unit.key
         query_table = _table("query_id", ids["query"], vectors["query"], dim)

@@ -2,13 +2,12 @@
 
     fsr-pipe run index
 
-Units `freestyle` (the prompted embeddings) and, with `embed.untrained` / `embed.baseline`,
-`untrained` / `baseline` (stages/embed.py `methods`). Each
-plans the index from the gallery size (`index.factory = "auto"`: Flat, IVF-Flat or IVF-PQ
-under `index.max_memory_mb`, the reason logged and stored), trains it once on a seeded
-sample of the gallery, adds the embed shards in order with their int64 image ids, and
-checkpoints so a killed build resumes without adding a shard twice or losing one
-(pipeline/index_build.py). It also writes the float vectors for exact re-ranking and
+One unit per method of `score.methods` (pipeline/methods), over that method's gallery
+embeddings. Each plans the index from the gallery size (`index.factory = "auto"`: Flat,
+IVF-Flat or IVF-PQ under `index.max_memory_mb`, the reason logged and stored), trains it
+once on a seeded sample of the gallery, adds the embed shards in order with their int64
+image ids, and checkpoints so a killed build resumes without adding a shard twice or losing
+one (pipeline/index_build.py). It also writes the float vectors for exact re-ranking and
 records the index's recall against exact search as metrics.
 """
 
@@ -19,24 +18,24 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import methods
 from pipeline.artifacts import atomic_path, describe, write_parquet
-from pipeline.catalog import MetricRecord, UnitRow, ViewSpec
 from pipeline.config import Config, ConfigError, fingerprint_fields
 from pipeline.device import resolve_device
 from pipeline.index import parse_factory, plan_index
 from pipeline.index_build import Shard, VectorStore, build_index, check_recall, shard_dim
 from pipeline.models.clip import embed_dim
+from pipeline.records import MetricRecord, UnitRow, ViewSpec
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
-from stages.embed import METHOD_KINDS, methods
 
 
 def embed_shards(ctx: StageContext, method: str) -> list[Shard]:
     """The embed stage's shards of one method, in shard order."""
-    rows = ctx.input_rows("embed", METHOD_KINDS[method])
+    kind = methods.get(method).kind
+    rows = ctx.input_rows("embed", kind)
     if not rows:
-        raise PipelineError(f"index: the embed stage wrote no {METHOD_KINDS[method]!r} files; "
-                            f"run `fsr-pipe run embed` (with embed.{method} = true for the "
-                            f"{method} index)")
+        raise PipelineError(f"index: the embed stage wrote no {kind!r} files; run `fsr-pipe "
+                            f"run embed` (with {method!r} in score.methods)")
     return [Shard(key, path, count) for key, path, count in rows if count > 0]
 
 
@@ -65,7 +64,7 @@ class IndexStage(Stage):
                                   "string such as 'IVF1024,PQ64' (docs/config.md)") from error
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
-        return [PlannedUnit(m, {"kind": METHOD_KINDS[m]}) for m in methods(ctx.config)]
+        return [PlannedUnit(m.name, {"kind": m.kind}) for m in methods.configured(ctx.config)]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
         cfg, seed = ctx.config.index, ctx.config.run.seed

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.artifacts import describe, write_parquet
-from pipeline.catalog import UnitRow
 from pipeline.config import Config, fingerprint_fields
 from pipeline.data.sources import list_source, source_stamp
+from pipeline.records import UnitRow
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
 
 

@@ -20,9 +20,9 @@ from PIL import Image
 
 from pipeline.arrays import stable_id
 from pipeline.artifacts import describe, write_parquet
-from pipeline.catalog import FailureRecord, UnitRow, ViewSpec
 from pipeline.data.images import BadInput, check_caption, load_rgb, read_caption
 from pipeline.data.synth import STYLE_TRANSFORMS, render_photo
+from pipeline.records import FailureRecord, UnitRow, ViewSpec
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult, shard_key
 
 GALLERY = pa.schema([

@@ -2,8 +2,10 @@
 
     fsr-pipe run train
 
-One unit. Queries of every style from the training split (text included) are paired with
-their photo and a random other photo; symmetric triplet loss, Adam. A seeded share of the
+One unit per trained method of `score.methods` (pipeline/methods: `freestyle`, `vpt`), each
+with its own model and loss, on the same data and schedule. Queries of every style from the
+training split (text included) are paired with their photo and a random other photo;
+symmetric triplet loss, Adam. A seeded share of the
 training photos (`train.val_fraction`) is held out for the per-epoch validation Recall@1,
 measured before training too (epoch 0 = the untrained prompts). Checkpoints after every epoch
 (weights + JSON sidecar); a killed run resumes from the last one. Early stopping after
@@ -24,25 +26,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import methods
 from pipeline.arrays import arrow_to_vectors, stable_uniform
 from pipeline.artifacts import atomic_path, describe, write_parquet
-from pipeline.catalog import FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.config import Config, fingerprint_fields, to_dict
-from pipeline.device import resolve_device
-from pipeline.models.factory import build_model, check_model_config
-from pipeline.models.freestyle import triplet_loss
+from pipeline.device import grad_scaler, resolve_device
+from pipeline.models.factory import check_model_config
+from pipeline.records import FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
 from pipeline.training import (
-    BadItem,
+    Fit,
     History,
     Query,
     TripletData,
     checkpoint_paths,
-    grad_scaler,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
+    fit,
     seeded_rng,
     train_epoch,
     triplet_batches,
@@ -83,11 +81,12 @@ class TrainStage(Stage):
     needs = ("prepare", "extract", "cluster")
     version = "2"  # 2: epoch 0 loss is NULL (was NaN)
     views = (ViewSpec("train_history", "train", "history",
-                      "epoch INTEGER, loss DOUBLE, val_recall_at_1 DOUBLE"),)
+                      "method VARCHAR, epoch INTEGER, loss DOUBLE, val_recall_at_1 DOUBLE"),)
 
     def config_values(self, config: Config) -> dict[str, Any]:
         return {"train": fingerprint_fields(config.train, config.resolve),
-                "model": fingerprint_fields(config.model, config.resolve)}
+                "model": fingerprint_fields(config.model, config.resolve),
+                "methods": [m.name for m in methods.trained(config)]}
 
     def notes(self, config: Config) -> str | None:
         if not config.model.pretrained:
@@ -99,7 +98,7 @@ class TrainStage(Stage):
         check_model_config(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
-        return [PlannedUnit("model", {})]
+        return [PlannedUnit(m.name, {}) for m in methods.trained(ctx.config)]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
         with seeded_rng(ctx.config.run.seed, resolve_device(ctx.config.run.device)):
@@ -120,11 +119,12 @@ class TrainStage(Stage):
         val_gallery = validation_gallery(val_photos, train_photos, cfg.val_distractors, seed)
 
         centres = arrow_to_vectors(pq.read_table(ctx.input_path("cluster", "centres"))["centre"])
-        model, tokenizer = build_model(ctx.config, centres, device)
+        method = methods.get(unit.key)
+        model, tokenizer = method.build(ctx.config, centres, device)
         trainable, frozen = model.parameter_counts()
-        ctx.log.info("train: %d queries (%d validation, ranked against %d photos), %s trainable"
-                     " / %s frozen parameters", len(train_queries), len(val_queries),
-                     len(val_gallery), f"{trainable:,}", f"{frozen:,}")
+        ctx.log.info("train %s: %d queries (%d validation, ranked against %d photos), %s "
+                     "trainable / %s frozen parameters", unit.key, len(train_queries),
+                     len(val_queries), len(val_gallery), f"{trainable:,}", f"{frozen:,}")
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                      lr=cfg.lr)
         scaler = grad_scaler(device, cfg.amp)
@@ -132,63 +132,35 @@ class TrainStage(Stage):
         max_pixels = ctx.config.data.max_image_pixels
         out = ctx.out_dir / unit.key
         out.mkdir(parents=True, exist_ok=True)
-        saved_config = to_dict(ctx.config)
 
-        found: list[BadItem] = []  # bad inputs met since the last checkpoint (_end_epoch)
+        state = Fit(model, optimizer, scaler, out, to_dict(ctx.config))
 
         def evaluate() -> dict[str, float]:
             return validate(model, val_queries, val_gallery, grams, tokenizer, image_size,
-                            max_pixels, device, cfg.amp, cfg.batch_size, bad=found)
+                            max_pixels, device, cfg.amp, cfg.batch_size, bad=state.bad)
 
-        start = latest_checkpoint(out)
-        if start is None:  # epoch 0: the untrained prompts, the reference to beat
-            history = History()
-            self._end_epoch(ctx, unit, out, 0, {"loss": None, **evaluate()}, model,
-                            optimizer, scaler, history, saved_config, found)
-            start = 0
-        else:
-            history = load_checkpoint(out, start, model, optimizer, scaler)
-            ctx.log.info("train: resuming after epoch %d (best so far: epoch %d, R@1 %.3f)",
-                         start, history.best_epoch, history.best_score)
-        for epoch in range(start + 1, cfg.epochs + 1):
-            if history.bad_epochs >= cfg.patience:
-                ctx.log.info("train: early stop, no better validation R@1 for %d epochs",
-                             history.bad_epochs)
-                break
+        def run_epoch(epoch: int) -> float:
             data = TripletData(train_queries, train_photos, grams, image_size, max_pixels,
                                seed, epoch)
             loader = triplet_batches(data, cfg.batch_size, cfg.num_workers,
                                      pin_memory=device.type == "cuda")
-            with ctx.progress(f"train epoch {epoch}", len(data)) as advance:
-                loss = train_epoch(model, loader, optimizer, scaler, tokenizer, triplet_loss,
-                                   cfg.margin, device, cfg.amp, advance, bad=found)
-            self._end_epoch(ctx, unit, out, epoch, {"loss": loss, **evaluate()}, model,
-                            optimizer, scaler, history, saved_config, found)
+            with ctx.progress(f"train {unit.key} epoch {epoch}", len(data)) as advance:
+                return train_epoch(model, loader, optimizer, scaler, tokenizer, method.loss,
+                                   cfg.margin, device, cfg.amp, advance, bad=state.bad)
+
+        history = fit(state, cfg.epochs, cfg.patience, run_epoch, evaluate, ctx.log,
+                      name=f"train {unit.key}")
         if history.best_epoch == 0 and len(history.epochs) > 1:
             ctx.log.warning(
-                "train: no epoch beat the untrained prompts' validation R@1 (%.3f), so model.pt "
-                "holds them and FreestyleRet scores as its untrained prompts; try another "
+                "train %s: no epoch beat the untrained prompts' validation R@1 (%.3f), so "
+                "model.pt holds them and the method scores as its untrained prompts; try another "
                 "train.lr, more train.epochs, or pretrained weights (model.pretrained)",
-                history.epochs[0]["val_recall@1"])
+                unit.key, history.epochs[0]["val_recall@1"])
         sizes = {"validation_photos": len(val_photos), "validation_gallery": len(val_gallery)}
         used = {"gallery": len(photos), "query": len(queries)}
-        return self._result(out, model, history, trainable, frozen, sizes, used)
+        return self._result(out, unit.key, model, history, trainable, frozen, sizes, used)
 
-    def _end_epoch(self, ctx: StageContext, unit: UnitRow, out, epoch: int,
-                   metrics: dict[str, float | None], model, optimizer, scaler, history: History,
-                   saved_config: dict, found: list[BadItem]) -> None:
-        for kind, item_id, path, reason in history.add_bad_inputs(found):
-            ctx.log.warning("train: %s %d (%s) is a bad input now (%s), though extract read "
-                            "it; left out of training and recorded", kind, item_id, path, reason)
-        found.clear()
-        best = history.update(epoch, metrics)
-        save_checkpoint(out, epoch, model, optimizer, scaler, history, saved_config)
-        prune_checkpoints(out, keep={epoch, history.best_epoch})
-        loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # None at epoch 0
-        ctx.log.info("train epoch %d: loss %s, validation R@1 %.3f%s", epoch, loss,
-                     metrics["val_recall@1"], " (best)" if best else "")
-
-    def _result(self, out, model, history: History, trainable: int, frozen: int,
+    def _result(self, out, method: str, model, history: History, trainable: int, frozen: int,
                 sizes: dict[str, int], used: dict[str, int]) -> UnitResult:
         best_weights, best_sidecar = checkpoint_paths(out, history.best_epoch)
         model_path = out / "model.pt"
@@ -201,6 +173,7 @@ class TrainStage(Stage):
         with atomic_path(out / "model.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         table = pa.table({
+            "method": pa.array([method] * len(history.epochs), pa.string()),
             "epoch": pa.array([e["epoch"] for e in history.epochs], pa.int32()),
             "loss": pa.array([e["loss"] for e in history.epochs], pa.float64()),
             "val_recall_at_1": pa.array([e["val_recall@1"] for e in history.epochs],

@@ -5,16 +5,8 @@ import multiprocessing as mp
 import duckdb
 import pytest
 
-from pipeline.catalog import (
-    SCHEMA_VERSION,
-    ArtifactRecord,
-    Catalog,
-    CatalogBusy,
-    FailureRecord,
-    MetricRecord,
-    ViewSpec,
-)
-from pipeline.records import UnitRecord
+from pipeline.catalog import SCHEMA_VERSION, Catalog, CatalogBusy
+from pipeline.records import ArtifactRecord, FailureRecord, MetricRecord, UnitRecord, ViewSpec
 
 
 def test_schema_is_idempotent_and_versioned(tmp_path):
@@ -46,8 +38,10 @@ def test_stage_summary_is_in_pipeline_order(tmp_path):
 
     catalog = Catalog(tmp_path / "c.duckdb")
     catalog.init()
-    for name in ["zz-plugin", *reversed(STAGE_NAMES)]:  # planned last first, an unknown one
-        catalog.save_plan(name, "fp", META, [("all", {})])
+    # Planned last first, and one planned without a position (an older fsr-pipe's plan).
+    catalog.save_plan("zz-plugin", "fp", META, [("all", {})])
+    for position, name in reversed(list(enumerate(STAGE_NAMES))):
+        catalog.save_plan(name, "fp", {**META, "position": position}, [("all", {})])
     order = [r[0] for r in catalog.rows("SELECT stage FROM stage_summary")]
     assert order == [*STAGE_NAMES, "zz-plugin"]
 

@@ -298,6 +298,56 @@ def test_only_prompt_generators_and_vision_layernorms_get_gradients(model, base_
         assert not params[name].requires_grad and params[name].grad is None, name
 
 
+def test_the_authors_trainable_set(base_clip, gram_encoder, centres):
+    """model.trainable = "authors": what their freeze_all_but_bn leaves trainable, i.e. every
+    parameter that is not the weight or bias of a non-LayerNorm module: LayerNorms of both
+    towers, attention in-projections, class and positional embeddings, projections; the
+    gradient reaches the text tower too."""
+    torch.manual_seed(0)
+    model = FreestyleRet(copy.deepcopy(base_clip[0]), copy.deepcopy(gram_encoder), centres,
+                         0.1, PromptSpec(), trainable="authors").train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name in ["clip.ln_final.weight", "clip.transformer.resblocks.0.ln_1.bias",
+                 "clip.transformer.resblocks.0.attn.in_proj_weight",
+                 "clip.visual.transformer.resblocks.0.attn.in_proj_bias",
+                 "clip.visual.class_embedding", "clip.visual.positional_embedding",
+                 "clip.visual.proj", "clip.positional_embedding", "clip.text_projection",
+                 "clip.visual.ln_pre.weight", "generators.0.proj.weight"]:
+        assert name in trainable, name
+    for name in ["clip.visual.conv1.weight", "clip.token_embedding.weight",
+                 "clip.visual.transformer.resblocks.0.attn.out_proj.weight",
+                 "clip.transformer.resblocks.0.mlp.c_fc.weight", "gram_encoder.vgg.2.weight"]:
+        assert name not in trainable, name
+    text = model.encode_text(base_clip[1](["a sketch", "a photo"]))
+    image = model.encode_image(_images(2, seed=5))
+    (text * image).sum().backward()
+    params = dict(model.named_parameters())
+    assert params["clip.ln_final.weight"].grad.abs().sum() > 0
+    assert params["clip.transformer.resblocks.0.attn.in_proj_weight"].grad.abs().sum() > 0
+    paper = make_model(base_clip, gram_encoder, centres)
+    assert model.parameter_counts()[0] > paper.parameter_counts()[0]
+    with torch.no_grad():  # the text tower stays frozen by default: no graph
+        assert not paper.encode_text(base_clip[1](["x"])).requires_grad
+
+
+def test_the_layernorm_only_control_has_no_prompts(base_clip, gram_encoder, centres):
+    """model.trainable = "layernorm": only the vision LayerNorms train and no prompt enters the
+    ViT, so before training it is exactly the plain CLIP."""
+    torch.manual_seed(0)
+    model = FreestyleRet(copy.deepcopy(base_clip[0]), copy.deepcopy(gram_encoder), centres,
+                         0.1, PromptSpec(), trainable="layernorm")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".ln_" in n and n.startswith("clip.visual.") for n in trainable)
+    assert not model.uses_gram
+    images = _images(3, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images),
+                                   encode_image_baseline(base_clip[0], images))
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        FreestyleRet(copy.deepcopy(base_clip[0]), gram_encoder, centres, 0.1, PromptSpec(),
+                     trainable="all")
+
+
 def test_parameter_counts(model):
     trainable, frozen = model.parameter_counts()
     total = sum(p.numel() for p in model.parameters())

@@ -1,6 +1,6 @@
 """FAISS index: auto plans, training, shard-by-shard filling, save/load, search, re-rank, recall."""
 
-# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (STYLE.md field vocabulary)
+# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (as in faiss and its docs)
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Index builds from Parquet shards: training sample, vector store, checkpoints and resume
 (an exception and a SIGKILL mid-build), recall check, and the two-query `max` search."""
 
-# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (STYLE.md field vocabulary)
+# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (as in faiss and its docs)
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from pipeline.index_build import (
     check_recall,
     exact_search,
 )
+from pipeline.retrieval import log_partition
 
 D = 16
 
@@ -295,6 +296,29 @@ def test_fused_max_search_equals_brute_force_max(tmp_path, shards) -> None:
     np.testing.assert_allclose(scores, np.take_along_axis(sim, top, axis=1), rtol=1e-5, atol=1e-6)
     # An id found by both queries appears once.
     assert all(len(set(row)) == len(row) for row in I)
+    # The authors' rule, against a dense implementation over the whole gallery: per item the
+    # larger of the two queries' softmax(100 cos) probabilities.
+    def softmax(logits):
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    xb = _unit(rng.normal(size=(40, D)) * 0.3 + xa)  # queries that score on other scales
+    dense = np.log(np.maximum(softmax(100 * (xa @ x.T).astype(np.float64)),
+                              softmax(100 * (xb @ x.T).astype(np.float64))))
+    top = np.argsort(-dense, axis=1, kind="stable")[:, :10]
+    log_z = (log_partition(xa, store.blocks()), log_partition(xb, store.blocks()))
+    scores, I = search_fused_max(build.index, xa, xb, 10, nprobe=1, short_k=10,
+                                 lookup=store.lookup, softmax=True, log_z=log_z)
+    assert np.array_equal(I, ids[top])
+    np.testing.assert_allclose(scores, np.take_along_axis(dense, top, axis=1), atol=1e-3)
+    # Over the union of the short lists instead: the same top-k when the lists hold the whole
+    # gallery; with short lists of 10, offsets from 20 items at most, the order still mostly.
+    _, I_all = search_fused_max(build.index, xa, xb, 10, nprobe=1, short_k=3000,
+                                lookup=store.lookup, softmax=True)
+    assert np.array_equal(I_all, ids[top])
+    _, I_short = search_fused_max(build.index, xa, xb, 10, nprobe=1, short_k=10,
+                                  lookup=store.lookup, softmax=True)
+    assert np.mean(I_short[:, 0] == ids[top][:, 0]) >= 0.9
     # search_rerank with rerank_k = 0 is the index's own search.
     plain = search_rerank(build.index, xa, 5, 1, 0, store.lookup)
     for a, b in zip(plain, search(build.index, xa, 5, 1)):

@@ -3,7 +3,7 @@
 Expected numbers are worked out by hand in the comments.
 """
 
-# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (STYLE.md field vocabulary)
+# ruff: noqa: E741 - D, I are FAISS's names for scores and ids (as in faiss and its docs)
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pipeline.retrieval import (
     batch_recall,
     fuse_max,
     fuse_mean,
+    fuse_softmax_max,
+    log_partition,
     map_at_k,
     precision_at_k,
     recall_at_k,
@@ -138,6 +140,40 @@ def test_fuse_max_by_hand() -> None:
         fuse_max(sim_sketch, sim_text[:1])
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_softmax_max_is_the_max_of_two_softmax_rows() -> None:
+    """The authors' rule, densely: p = softmax(100 cos) per query over the gallery, the larger
+    of the two per gallery item. fuse_softmax_max gives its log, so the same order."""
+    rng = np.random.default_rng(0)
+    sim_a, sim_b = rng.uniform(-0.2, 0.9, (5, 30)), rng.uniform(0.1, 0.35, (5, 30))
+    dense = np.maximum(_softmax(100 * sim_a), _softmax(100 * sim_b))
+    np.testing.assert_allclose(np.exp(fuse_softmax_max(sim_a, sim_b)), dense, rtol=1e-9)
+    # With partitions over a larger gallery (these 30 columns are part of it).
+    rest_a, rest_b = rng.uniform(-0.2, 0.9, (5, 70)), rng.uniform(0.1, 0.35, (5, 70))
+    full_a, full_b = (np.concatenate(p, axis=1) for p in ((sim_a, rest_a), (sim_b, rest_b)))
+    dense = np.maximum(_softmax(100 * full_a), _softmax(100 * full_b))[:, :30]
+    x = rng.normal(size=(5, 8))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert log_partition(x, [np.eye(8)[:3], np.eye(8)[3:]]).shape == (5,)
+    np.testing.assert_allclose(
+        log_partition(x, [np.eye(8)[:3], np.eye(8)[3:]]),
+        np.log(np.exp(100 * x.astype(np.float64)).sum(axis=1)), rtol=1e-6)
+    log_z_a = np.log(np.exp(100 * full_a).sum(axis=1))
+    log_z_b = np.log(np.exp(100 * full_b).sum(axis=1))
+    np.testing.assert_allclose(np.exp(fuse_softmax_max(sim_a, sim_b, log_z_a, log_z_b)), dense,
+                               rtol=1e-9)
+    # Why it matters: a text query's cosines sit far below an image query's, so cosine-max
+    # lets the image decide; the softmax puts each query on its own scale.
+    image = np.array([[0.80, 0.79, 0.78]])   # prefers item 0, not by much
+    text = np.array([[0.20, 0.20, 0.30]])    # is sure about item 2
+    assert np.argmax(fuse_max(image, text)) == 0
+    assert np.argmax(fuse_softmax_max(image, text)) == 2
+
+
 def test_fuse_mean_by_hand() -> None:
     # [3, 0] -> [1, 0]; [0, 2] -> [0, 1]; mean [.5, .5] -> [1/sqrt 2, 1/sqrt 2].
     fused = fuse_mean(np.array([[3.0, 0.0]]), np.array([[0.0, 2.0]]))
@@ -158,12 +194,13 @@ def test_batch_protocol_by_hand() -> None:
     assert batch_recall(ranks, ks=(1, 5)) == {1: pytest.approx(2 / 3), 5: 1.0}
     # Fused with a text query [0, 1]: photo 0 max(0.6, 0) = 0.6, own photo max(-0.28, 0.8) = 0.8.
     extra = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    assert batch_protocol_ranks(q, g, batch_size=2, q_emb_extra=extra).tolist() == [1, 1, 1]
+    assert batch_protocol_ranks(q, g, batch_size=2, q_emb_extra=extra,
+                                fusion="cosine-max").tolist() == [1, 1, 1]
     # Ties count against the query: identical photos share the worst rank.
     assert batch_protocol_ranks(q[:2], np.ones((2, 2)), batch_size=2).tolist() == [2, 2]
 
 
-def _batch_ranks_loop(q, g, batch_size, extra=None):
+def _batch_ranks_loop(q, g, batch_size, extra=None, softmax=False):
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     g = g / np.linalg.norm(g, axis=1, keepdims=True)
     if extra is not None:
@@ -172,12 +209,14 @@ def _batch_ranks_loop(q, g, batch_size, extra=None):
     for i in range(len(q)):
         first = (i // batch_size) * batch_size
         members = range(first, min(first + batch_size, len(q)))
-        sims = []
-        for j in members:
-            s = float(q[i] @ g[j])
-            if extra is not None:
-                s = max(s, float(extra[i] @ g[j]))
-            sims.append(s)
+        a = [float(q[i] @ g[j]) for j in members]
+        sims = a
+        if extra is not None and softmax:  # the authors': softmax(100 cos) over the batch
+            b = [float(extra[i] @ g[j]) for j in members]
+            pa_, pb_ = (np.exp(100 * np.array(v, dtype=np.float64)) for v in (a, b))
+            sims = np.maximum(pa_ / pa_.sum(), pb_ / pb_.sum()).tolist()
+        elif extra is not None:
+            sims = [max(s, float(extra[i] @ g[j])) for s, j in zip(a, members)]
         own = sims[i - first]
         ranks.append(sum(s >= own for s in sims))
     return ranks
@@ -190,8 +229,11 @@ def test_batch_protocol_matches_a_loop(n: int, batch_size: int) -> None:
     q = (g + rng.normal(scale=1.0, size=(n, 8))).astype(np.float32)
     extra = (g + rng.normal(scale=1.5, size=(n, 8))).astype(np.float32)
     assert batch_protocol_ranks(q, g, batch_size).tolist() == _batch_ranks_loop(q, g, batch_size)
-    assert (batch_protocol_ranks(q, g, batch_size, q_emb_extra=extra).tolist()
+    assert (batch_protocol_ranks(q, g, batch_size, q_emb_extra=extra,
+                                 fusion="cosine-max").tolist()
             == _batch_ranks_loop(q, g, batch_size, extra))
+    assert (batch_protocol_ranks(q, g, batch_size, q_emb_extra=extra).tolist()
+            == _batch_ranks_loop(q, g, batch_size, extra, softmax=True))
     ranks = batch_protocol_ranks(q, g, batch_size)
     last = n - (n - 1) // batch_size * batch_size  # size of the last (maybe partial) batch
     assert ranks.min() >= 1 and ranks[-last:].max() <= last

@@ -49,7 +49,8 @@ def test_run_all_scores_every_style_fusion_and_protocol(finished) -> None:
     expected = {(m, s, p, "none", k) for m in ("freestyle", "baseline") for s in STYLES
                 for p in ("gallery", "batch") for k in (1, 5, 10)}
     expected |= {(m, s, p, f, k) for m in ("freestyle", "baseline") for s in FUSED
-                 for p in ("gallery", "batch") for f in ("max", "mean") for k in (1, 5, 10)}
+                 for p in ("gallery", "batch") for f in ("softmax-max", "cosine-max", "mean")
+                 for k in (1, 5, 10)}
     assert set(got) == expected and len(got) == len(expected)
     values = rows(config, "SELECT metric, value FROM retrieval_metrics")
     assert all(0.0 <= v <= 1.0 for _, v in values)
@@ -101,11 +102,14 @@ def test_fused_queries_follow_their_rules(finished) -> None:
     results = rows(config, "SELECT query_id, partner_id, fusion, list(image_id ORDER BY rank) "
                            "FROM search_results WHERE method = 'freestyle' AND style = "
                            "'sketch+text' GROUP BY ALL")
-    assert {f for _, _, f, _ in results} == {"max", "mean"}
+    assert {f for _, _, f, _ in results} == {"softmax-max", "cosine-max", "mean"}
     for query_id, partner_id, fusion, top in results:
         a, b = queries[query_id], queries[partner_id]
-        if fusion == "max":
+        if fusion == "cosine-max":
             sim = np.maximum(xb @ a, xb @ b)
+        elif fusion == "softmax-max":  # the authors': softmax(100 cos) over the whole gallery
+            pa_, pb_ = (np.exp(100 * (xb @ v).astype(np.float64)) for v in (a, b))
+            sim = np.maximum(pa_ / pa_.sum(), pb_ / pb_.sum())
         else:
             mean = (a + b) / np.linalg.norm(a + b)
             sim = xb @ mean
@@ -193,16 +197,16 @@ def test_cli_prints_the_recall_table_and_its_sql(finished) -> None:
     assert "Nothing to do" in done.stderr
     assert "Recall@K on the test split" in out and "R@1 FSR" in out and "R@10 base" in out
     assert all(style in out for style in STYLES | FUSED)
-    assert commands.RECALL_SQL in out.replace("\n", "")
-    # The printed SQL runs and gives one row per protocol x query set x fusion x K.
     config = load_config(finished)
-    table = commands.sql(config, commands.RECALL_SQL)
-    assert len(table) == 2 * (len(STYLES) + 2 * len(FUSED)) * 3
+    assert commands.recall_sql(config) in out.replace("\n", "")
+    # The printed SQL runs and gives one row per protocol x query set x fusion x K.
+    table = commands.sql(config, commands.recall_sql(config))
+    assert len(table) == 2 * (len(STYLES) + 3 * len(FUSED)) * 3
     assert table["freestyle"].null_count == 0 and table["baseline"].null_count == 0
     # Then the query-by-query comparison at R@1 and the SQL of its counts.
     assert "Query by query at R@1" in out and "FSR vs base" in out
     assert commands.SINGLE_STYLES in out
-    assert commands.PAIRED_SQL in out.replace("\n", "")
+    assert commands.paired_sql(config) in out.replace("\n", "")
 
 
 def test_paired_counts_match_the_query_ranks(finished) -> None:
@@ -234,7 +238,7 @@ def test_paired_counts_match_the_query_ranks(finished) -> None:
 
 
 def test_paired_sql_by_hand() -> None:
-    """PAIRED_SQL on hand-made ranks (None: not in the searched depth): a query only one
+    """paired_sql on hand-made ranks (None: not in the searched depth): a query only one
     method finds is a win or a loss, found by both or neither is neither; fused queries pair
     on their partner too; the pooled row sums the single-style sets only."""
     import duckdb
@@ -260,7 +264,7 @@ def test_paired_sql_by_hand() -> None:
     con.executemany("INSERT INTO query_ranks VALUES (?, ?, ?, ?, ?, ?, ?)", ranks)
     con.execute("CREATE TABLE retrieval_metrics AS "
                 "SELECT 'recall' AS metric, unnest([1, 5]) AS k")
-    cursor = con.execute(commands.PAIRED_SQL)
+    cursor = con.execute(commands.paired_sql(load_config(None)))  # freestyle first
     names = [d[0] for d in cursor.description]
     got = commands.with_pooled_and_p([dict(zip(names, r)) for r in cursor.fetchall()])
     assert {(r["style"], r["k"]): (r["queries"], r["wins"], r["losses"]) for r in got} == {
@@ -273,18 +277,19 @@ def test_paired_sql_by_hand() -> None:
 
 
 def test_score_without_baseline(finished) -> None:
-    config = load_config(finished, ["embed.baseline=false"])
+    config = load_config(finished, ['score.methods=["freestyle"]'])
     commands.run(config, ["score"], progress=False)
     methods = rows(config, "SELECT DISTINCT method FROM retrieval_metrics")
     assert methods == [("freestyle",)]
-    table = commands.sql(config, commands.RECALL_SQL)
-    assert table["baseline"].null_count == len(table)
+    table = commands.sql(config, commands.recall_sql(config))
+    assert "baseline" not in table.column_names and table["freestyle"].null_count == 0
+    assert commands.paired_table(config) == []
     commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
 
 
 def test_score_with_untrained_prompts(finished) -> None:
-    """embed.untrained: the untrained prompts (train's fresh init) are embedded, indexed and
-    scored as a third method, and the table gets their columns."""
+    """Method `untrained`: the untrained prompts (train's fresh init) are embedded, indexed
+    and scored as a third method, and the table gets their columns."""
     import torch
 
     from pipeline.arrays import arrow_to_vectors
@@ -292,15 +297,15 @@ def test_score_with_untrained_prompts(finished) -> None:
     from pipeline.data.images import load_rgb, to_tensor
     from pipeline.models.factory import build_model
 
-    config = load_config(finished, ["embed.untrained=true"])
+    config = load_config(finished, ['score.methods=["freestyle", "untrained", "baseline"]'])
     reports = {r.stage: r.ran for r in commands.run(config, ["score"], progress=False)}
     assert reports["train"] == 0 and reports["embed"] > 0
     assert reports["index"] == 3 and reports["score"] == 3
     assert rows(config, "SELECT DISTINCT method FROM retrieval_metrics ORDER BY 1") == [
         ("baseline",), ("freestyle",), ("untrained",)]
-    table = commands.sql(config, commands.RECALL_SQL)
+    table = commands.sql(config, commands.recall_sql(config))
     assert table["untrained"].null_count == 0
-    headers = [c.header for c in _recall_view(table).columns]
+    headers = [c.header for c in _recall_view(table, config).columns]
     assert headers[4:7] == ["R@1 FSR", "R@1 untr", "R@1 base"]
 
     # The stored untrained embeddings are what a freshly built model gives.
@@ -323,18 +328,18 @@ def test_score_with_untrained_prompts(finished) -> None:
     commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
 
 
-def test_batch_protocol_keeps_one_query_per_photo() -> None:
-    from stages.score import QuerySet, _one_query_per_photo
+def test_batch_protocol_keepsone_query_per_photo() -> None:
+    from pipeline.evaluation import QuerySet, one_query_per_photo
 
     emb = np.eye(5, dtype=np.float32)
     qs = QuerySet("sketch", "none", np.array([10, 11, 12, 13, 14]), None,
                   np.array([7, 8, 7, 9, 8]), np.array(list("abacb")), emb)
-    pairs = _one_query_per_photo(qs)
+    pairs = one_query_per_photo(qs)
     assert pairs.query_ids.tolist() == [10, 11, 13]
     assert pairs.targets.tolist() == [7, 8, 9] and pairs.labels.tolist() == ["a", "b", "c"]
     np.testing.assert_array_equal(pairs.emb, emb[[0, 1, 3]])
     unique = QuerySet("text", "none", np.array([1, 2]), None, np.array([5, 6]), None, emb[:2])
-    assert _one_query_per_photo(unique) is unique
+    assert one_query_per_photo(unique) is unique
 
 
 def test_bad_images_are_recorded_once(tmp_path) -> None:
@@ -381,3 +386,77 @@ def test_the_example_queries_in_docs_catalog_run(finished) -> None:
     for statement in statements:
         empty_here = "failures_by_reason" in statement or "item_failures" in statement
         assert (len(commands.sql(config, statement)) > 0) != empty_here, statement
+
+
+def test_vpt_runs_through_every_stage_and_every_table(finished) -> None:
+    """Method `vpt` (random-init deep prompts, trained like FreestyleRet): its own train unit,
+    gallery embeddings, index and scores, and its rows and columns in every table."""
+    import torch
+
+    from pipeline import methods
+    from pipeline.cli import _paired_view, _recall_view
+    from pipeline.data.images import load_rgb, to_tensor
+
+    config = load_config(finished, ['score.methods=["freestyle", "baseline", "vpt"]'])
+    reports = {r.stage: r.ran for r in commands.run(config, ["score"], progress=False)}
+    # train's plan has a unit per trained method (a new plan, so freestyle trains again).
+    assert reports["train"] == 2 and reports["index"] == 3 and reports["score"] == 3
+    assert rows(config, "SELECT DISTINCT method FROM train_history ORDER BY 1") == [
+        ("freestyle",), ("vpt",)]
+    for view in ("index_recall", "retrieval_metrics", "query_ranks", "search_results",
+                 "query_embeddings"):
+        assert ("vpt",) in rows(config, f"SELECT DISTINCT method FROM {view}"), view
+    assert rows(config, "SELECT count(*) FROM vpt_embeddings") == [(ITEMS,)]
+    table = commands.sql(config, commands.recall_sql(config))
+    assert table["vpt"].null_count == 0
+    assert [c.header for c in _recall_view(table, config).columns][4:7] == [
+        "R@1 FSR", "R@1 base", "R@1 vpt"]
+    paired = commands.paired_table(config)
+    assert {r["versus"] for r in paired} == {"baseline", "vpt"}
+    assert [c.header for c in _paired_view(paired, config).columns][4:] == [
+        "FSR vs base", "FSR vs vpt"]
+
+    # The stored embeddings are the trained VPT model's: free tokens in every layer, no
+    # Gram or style input, trained weights loaded from its own train unit.
+    from pipeline.runner import fingerprints, upstream_inputs
+    from stages import all_stages
+
+    stages = all_stages()
+    inputs = upstream_inputs(Catalog.in_dir(config.work_dir),
+                             next(s for s in stages if s.name == "embed"),
+                             fingerprints(stages, config), config.work_dir)
+
+    class Artifacts:  # what embed reads, as its StageContext gives it
+        def input_path(self, stage, kind, unit_key=None):  # noqa: ANN001, ANN202
+            [path] = inputs.paths(config.work_dir, stage, kind, unit_key)
+            return path
+
+    encoders = methods.get("vpt").load(config, Artifacts(), torch.device("cpu"))
+    assert encoders.gram_encoder is None
+    photos = rows(config, "SELECT image_id, path FROM gallery ORDER BY image_id LIMIT 6")
+    pixels = torch.stack([to_tensor(load_rgb(p, 10**8), config.extract.image_size)
+                          for _, p in photos])
+    with torch.inference_mode():
+        expected = encoders.image(pixels, None).numpy()
+    stored = vectors(config, "vpt_embeddings", "image_id")
+    np.testing.assert_allclose(np.stack([stored[i] for i, _ in photos]), expected, atol=1e-5)
+    commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
+
+
+def test_batch_drop_last_scores_full_batches_only(finished) -> None:
+    """score.batch_drop_last: the authors' DataLoader drops the last, shorter batch."""
+    base = ["score.batch_pairs=3", 'score.methods=["freestyle"]']
+    counts = {}
+    for drop in (False, True):
+        config = load_config(finished, [*base, f"score.batch_drop_last={str(drop).lower()}"])
+        commands.run(config, ["score"], progress=False)
+        counts[drop] = dict(rows(config, "SELECT style || ' ' || fusion, max(n_queries) FROM "
+                                         "retrieval_metrics WHERE protocol = 'batch' "
+                                         "GROUP BY ALL"))
+        gallery = rows(config, "SELECT DISTINCT n_queries FROM retrieval_metrics WHERE "
+                               "protocol = 'gallery' AND fusion = 'none'")
+        assert gallery == [(counts[False].get("sketch none"),)] or drop  # gallery: all queries
+    assert counts[False].keys() == counts[True].keys()
+    assert all(counts[True][s] == n // 3 * 3 for s, n in counts[False].items())
+    assert any(n % 3 for n in counts[False].values()), counts  # some set lost its last batch
+    commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan

@@ -4,7 +4,7 @@ fingerprints, shard processes, bad inputs; and a real check that training helps 
 Most tests share one trained work dir (module fixture). Each test runs its own config first,
 which is a no-op for finished work but makes that config the current plan (views follow it),
 so the tests do not depend on their order. Variants that only one test runs use a setting no
-other test uses (e.g. `embed.baseline = false` for the shard processes).
+other test uses (e.g. `score.methods = ["freestyle"]` for the shard processes).
 """
 
 from __future__ import annotations
@@ -31,15 +31,14 @@ from pipeline.arrays import arrow_to_vectors, stable_uniform
 from pipeline.catalog import Catalog
 from pipeline.config import Config, load_config, to_dict
 from pipeline.data.images import load_rgb, to_tensor
+from pipeline.device import amp_dtype, grad_scaler
 from pipeline.models.clip import DEMO_ARCHS
 from pipeline.models.factory import build_model
 from pipeline.runner import fingerprints
 from pipeline.training import (
     History,
     Query,
-    amp_dtype,
     decode,
-    grad_scaler,
     load_checkpoint,
     optimizer_step,
     save_checkpoint,
@@ -64,8 +63,8 @@ def nothing_ran(*stages: str, **ran_units: int) -> dict[str, int]:
 
 
 def train_dir(config: Config) -> Path:
-    """The train unit's folder under `config` (work_dir/train/<fingerprint>/model)."""
-    return config.work_dir / "train" / fingerprints(all_stages(), config)["train"] / "model"
+    """The freestyle train unit's folder (work_dir/train/<fingerprint>/freestyle)."""
+    return config.work_dir / "train" / fingerprints(all_stages(), config)["train"] / "freestyle"
 
 
 def history(config: Config) -> list[tuple[int, float, float]]:
@@ -401,7 +400,7 @@ def test_train_resumes_after_sigkill(shared, tmp_path):
     proc = start_cli(config_path, "run", "train", *set_args(BASE))
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
-    resumed = re.search(r"train: resuming after epoch (\d+)", output)
+    resumed = re.search(r"train freestyle: resuming after epoch (\d+)", output)
     assert resumed and int(resumed.group(1)) >= 2, output
     # Same batches (seeded per epoch), optimizer state restored: the same run exactly.
     reference = load_config(shared, BASE)
@@ -447,7 +446,7 @@ def test_fingerprints_rerun_only_what_changed(shared):
 
 @pytest.mark.slow
 def test_embed_shard_processes_all_land(shared):
-    overrides = [*BASE, "embed.baseline=false"]  # an embed plan no other test runs
+    overrides = [*BASE, 'score.methods=["freestyle"]']  # an embed plan no other test runs
     config = load_config(shared, overrides)
     assert ran(commands.run(config, ["train"], progress=False)) == nothing_ran(*STAGES[:5])
     catalog = Catalog.in_dir(config.work_dir)
@@ -467,7 +466,7 @@ def test_embed_shard_processes_all_land(shared):
 
 
 def test_corrupt_gallery_photo_is_recorded_at_embed(shared):
-    overrides = [*BASE, "embed.dtype=float16", "embed.baseline=false",
+    overrides = [*BASE, "embed.dtype=float16", 'score.methods=["freestyle"]',
                  "data.max_failure_ratio=1.0"]  # 1 of 16 is over the default 5%
     config = load_config(shared, overrides)
     assert ran(commands.run(config, ["train"], progress=False)) == nothing_ran(*STAGES[:5])
@@ -496,7 +495,7 @@ def test_images_broken_after_extract_are_recorded_by_train(shared, caplog):
     # A training photo and a sketch that break after extract read them: train records each
     # once (not once per epoch), trains on the other triplets, and embed does not record the
     # photo again.
-    overrides = [*BASE, "train.epochs=2", "train.margin=0.9", "embed.baseline=false",
+    overrides = [*BASE, "train.epochs=2", "train.margin=0.9", 'score.methods=["freestyle"]',
                  "train.num_workers=1",  # failures come back from a DataLoader worker
                  "data.max_failure_ratio=1.0"]  # 1 of 16 photos is over the default 5%
     config = load_config(shared, overrides)
@@ -689,3 +688,63 @@ def sketchy_mini_gain(tmp_path: Path, arch: str, pretrained: str, lr: float,
           f"R@1 untrained {untrained:.3f}, trained {trained:.3f}; history {history(config)}")
     return untrained, trained, config
 
+
+
+def test_fit_checkpoints_stops_early_and_resumes(tmp_path, caplog):
+    """training.fit on a toy model: epoch 0 is the untrained score, early stop after
+    `patience` epochs without a better one, the latest and best checkpoints kept, a second
+    call resumes after the last checkpoint, bad inputs recorded once."""
+    import logging
+
+    from pipeline.training import Fit, fit, latest_checkpoint
+
+    class Toy(torch.nn.Linear):  # the checkpoint interface of FreestyleRet
+        def trainable_state_dict(self):  # noqa: ANN202
+            return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+        def load_trainable_state_dict(self, state):  # noqa: ANN001, ANN202
+            self.load_state_dict(state)
+
+    def state(out):  # noqa: ANN001, ANN202
+        torch.manual_seed(0)
+        model = Toy(2, 1)
+        return Fit(model, torch.optim.Adam(model.parameters(), lr=0.1),
+                   grad_scaler(torch.device("cpu"), "off"), out, {"run": {}})
+
+    scores = {0: 0.1, 1: 0.5, 2: 0.4, 3: 0.3, 4: 0.9}
+    ran: list[int] = []
+    s = state(tmp_path / "a")
+    s.out.mkdir()
+
+    def run_epoch(epoch: int) -> float:
+        ran.append(epoch)
+        s.bad.append(["gallery", 7, "/x.png", "corrupt"])  # met every epoch, recorded once
+        return 1.0 / epoch
+
+    log = logging.getLogger("test.fit")
+    with caplog.at_level(logging.INFO, logger="test.fit"):
+        history = fit(s, 10, 2, run_epoch, lambda: {"val_recall@1": scores[len(ran)]}, log)
+    assert ran == [1, 2, 3] and [e["epoch"] for e in history.epochs] == [0, 1, 2, 3]
+    assert history.best_epoch == 1 and history.bad_epochs == 2
+    assert history.epochs[0]["loss"] is None and history.bad_inputs == [
+        ["gallery", 7, "/x.png", "corrupt"]]
+    assert sorted(p.name for p in s.out.glob("epoch-*.json")) == ["epoch-001.json",
+                                                                   "epoch-003.json"]
+    assert "train: early stop, no better validation R@1 for 2 epochs" in caplog.text
+    # A second call resumes after epoch 3: already stopped, nothing runs.
+    again = fit(state(s.out), 10, 2, run_epoch, lambda: {"val_recall@1": 1.0}, log)
+    assert ran == [1, 2, 3] and again.epochs == history.epochs
+    # Stopped after epoch 2 of 4, then resumed: the same history as one call to epoch 4.
+    ran.clear()
+    whole = state(tmp_path / "b")
+    whole.out.mkdir()
+    s = whole
+    one = fit(whole, 4, 10, run_epoch, lambda: {"val_recall@1": scores[len(ran)]}, log)
+    ran.clear()
+    s = state(tmp_path / "c")
+    s.out.mkdir()
+    fit(s, 2, 10, run_epoch, lambda: {"val_recall@1": scores[len(ran)]}, log)
+    assert latest_checkpoint(s.out) == 2
+    s = state(s.out)
+    two = fit(s, 4, 10, run_epoch, lambda: {"val_recall@1": scores[len(ran)]}, log)
+    assert ran == [1, 2, 3, 4] and two.epochs == one.epochs and two.best_epoch == 4

@@ -1,14 +1,21 @@
 """Decode images in DataLoader workers; bad inputs come back as failures, not exceptions.
 
-Shared by the stages that read images (extract now, embed later) so that decoding, the
-224 px preprocessing and bad-input handling are the same everywhere.
+    done = encode_items(items, lambda pixels, items: model(pixels), image_size=224,
+                        max_pixels=40_000_000, batch_size=64, num_workers=1, device=device)
+    done.items, done.out, done.failures     # decoded items, their (n, d) outputs, bad inputs
+
+Shared by everything that encodes images (extract, embed, score, train's validation) so that
+decoding, the preprocessing, bad-input handling, device copies and mixed precision are the
+same everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -83,3 +90,52 @@ def iter_batches(items: Sequence[ImageItem], image_size: int, max_pixels: int,
         prefetch_factor=4 if num_workers else None,
     )
     yield from loader
+
+
+@dataclass
+class Encoded:
+    items: list[ImageItem]                # the decoded items, in input order
+    out: Any                              # their outputs: (n, d) float32, or {name: (n, d)}
+    failures: list[tuple[ImageItem, str]]  # (item, reason) of the bad inputs
+
+
+def encode_items(items: Sequence[ImageItem],
+                 encode: Callable[[torch.Tensor, list[ImageItem]], Any], *, image_size: int,
+                 max_pixels: int, batch_size: int, num_workers: int, device: torch.device,
+                 amp: str = "off", progress: Callable[[int], None] | None = None) -> Encoded:
+    """The one image-encoding loop: decode `items` in batches (iter_batches), move each batch
+    to `device` (pinned and non-blocking on CUDA), run `encode(pixels, batch_items)` under
+    inference mode and `amp` autocast, and collect its outputs (a tensor, or a dict of them)
+    as float32 numpy. `progress(n)` ticks per batch with decoded + bad items."""
+    from pipeline.device import autocast
+
+    done: list[ImageItem] = []
+    chunks: list[Any] = []
+    failures: list[tuple[ImageItem, str]] = []
+    batches = iter_batches(items, image_size, max_pixels, batch_size, num_workers,
+                           pin_memory=device.type == "cuda")
+    with torch.inference_mode():
+        for batch in batches:
+            failures += batch.failures
+            if batch.pixels is not None:
+                with autocast(device, amp):
+                    out = encode(batch.pixels.to(device, non_blocking=True), batch.items)
+                chunks.append({k: _numpy(v) for k, v in out.items()} if isinstance(out, dict)
+                              else _numpy(out))
+                done += batch.items
+            if progress is not None:
+                progress(len(batch.items) + len(batch.failures))
+    return Encoded(done, _concat(chunks), failures)
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.float().cpu().numpy()
+
+
+def _concat(chunks: list[Any]) -> Any:
+    """Chunks of arrays (or of dicts of arrays) -> one array (dict); None for no chunk."""
+    if not chunks:
+        return None
+    if isinstance(chunks[0], dict):
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    return np.concatenate(chunks)

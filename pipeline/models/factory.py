@@ -34,24 +34,19 @@ def check_model_config(config: Config) -> None:
     check_pretrained(config.model.arch, pretrained_source(config))
 
 
-def build_model(config: Config, centres: np.ndarray,
-                device: torch.device) -> tuple[FreestyleRet, object]:
-    """(FreestyleRet with freshly initialised prompts, tokenizer); deterministic from run.seed."""
+def build_model(config: Config, centres: np.ndarray, device: torch.device,
+                spec: PromptSpec | None = None) -> tuple[FreestyleRet, object]:
+    """(FreestyleRet with freshly initialised prompts, tokenizer); deterministic from run.seed.
+    `spec`: the prompt layout, `[model]`'s by default (the vpt method passes its own)."""
     clip, tokenizer = load_clip(config.model.arch, pretrained_source(config),
                                 seed=config.run.seed, device=device)
-    spec = PromptSpec(n_tokens=config.model.n_tokens, shallow_init=config.model.shallow_init,
-                      deep_init=config.model.deep_init,
-                      shallow_layers=config.model.shallow_layers)
+    if spec is None:
+        spec = PromptSpec(n_tokens=config.model.n_tokens, shallow_init=config.model.shallow_init,
+                          deep_init=config.model.deep_init,
+                          shallow_layers=config.model.shallow_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
         model = FreestyleRet(clip, build_gram_encoder(config, device),
                              torch.tensor(np.array(centres), dtype=torch.float32),
-                             config.cluster.temperature, spec)
+                             config.cluster.temperature, spec, config.model.trainable)
     return model.to(device), tokenizer
-
-
-def build_baseline(config: Config, device: torch.device) -> torch.nn.Module:
-    """The same CLIP with no prompts and untouched LayerNorms: the side-by-side baseline."""
-    clip, _ = load_clip(config.model.arch, pretrained_source(config), seed=config.run.seed,
-                        device=device)
-    return clip

@@ -51,6 +51,13 @@ from pipeline.style_space import style_feature_torch
 
 PromptInit = Literal["style", "gram", "random"]
 PROMPT_INITS = ("style", "gram", "random")
+# What trains besides the frozen rest (docs/method.md 3 and 8): "paper" = the prompt
+# generators + vision LayerNorms; "authors" = what the authors' code leaves trainable: the
+# generators and every CLIP parameter that is not the weight or bias of a non-LayerNorm module
+# (all LayerNorms of both towers, the attention in-projections, class / positional embeddings,
+# projections); "layernorm" = the vision LayerNorms alone, no prompts (a control).
+TrainableSet = Literal["paper", "authors", "layernorm"]
+TRAINABLE_SETS = ("paper", "authors", "layernorm")
 # Std of generator weights and of free tokens: per-dimension token scale for a unit input.
 PROMPT_INIT_STD = 0.02
 
@@ -131,8 +138,10 @@ class FreestyleRet(nn.Module):
     """Frozen CLIP + frozen Gram encoder + trainable prompt generators and vision LayerNorms."""
 
     def __init__(self, clip: nn.Module, gram_encoder: GramEncoder, centres: torch.Tensor,
-                 temperature: float, spec: PromptSpec) -> None:
+                 temperature: float, spec: PromptSpec, trainable: TrainableSet = "paper") -> None:
         super().__init__()
+        if trainable not in TRAINABLE_SETS:
+            raise ValueError(f"trainable must be one of {TRAINABLE_SETS}; got {trainable!r}")
         visual = _check_visual(getattr(clip, "visual", None))
         centres = torch.as_tensor(centres, dtype=torch.float32)
         if centres.ndim != 2 or centres.shape[1] != gram_encoder.out_dim:
@@ -152,8 +161,17 @@ class FreestyleRet(nn.Module):
         # Layers whose prompt positions are overwritten (VPT-deep); layer 0 always inserts.
         self.replaced_layers = tuple(range(max(self.shallow_layers, 1), self.n_layers))
 
+        self.trainable = trainable
+        self.use_prompts = trainable != "layernorm"
         clip.requires_grad_(False)
         gram_encoder.requires_grad_(False)
+        if trainable == "authors":  # their freeze_all_but_bn: weight/bias of non-LayerNorms
+            clip.requires_grad_(True)
+            for module in clip.modules():
+                if not isinstance(module, nn.LayerNorm):
+                    for name in ("weight", "bias"):
+                        if isinstance(getattr(module, name, None), nn.Parameter):
+                            getattr(module, name).requires_grad_(False)
         for norm in self._vision_layernorms():
             norm.requires_grad_(True)
         first = spec.shallow_init if self.shallow_layers > 0 else spec.deep_init
@@ -162,6 +180,11 @@ class FreestyleRet(nn.Module):
             generators[str(layer)] = PromptGenerator(spec.deep_init, self.gram_dim,
                                                      spec.n_tokens, self.width)
         self.generators = nn.ModuleDict(generators)
+        if not self.use_prompts:  # built all the same: the seeded init stays the same
+            self.generators.requires_grad_(False)
+        # Text tower parameters that train (the "authors" set): encode_text keeps their graph.
+        self.text_trains = any(p.requires_grad for name, p in clip.named_parameters()
+                               if not name.startswith("visual."))
         self.train(False)
 
     def _vision_layernorms(self) -> list[nn.LayerNorm]:
@@ -182,6 +205,12 @@ class FreestyleRet(nn.Module):
     @property
     def clip_image_size(self) -> int:
         return clip_image_size(self.clip)
+
+    @property
+    def uses_gram(self) -> bool:
+        """Whether any prompt is made from the Gram vector or style feature (not VPT's free
+        tokens alone): without, encode_image skips the Gram path."""
+        return self.use_prompts and any(g.source != "random" for g in self.generators.values())
 
     @property
     def prompt_layers(self) -> tuple[int, ...]:
@@ -247,23 +276,26 @@ class FreestyleRet(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W) RGB; got {tuple(images.shape)}")
-        if gram is None:
+        if gram is None and not self.uses_gram:  # free tokens only: read just for the size
+            gram = images.new_zeros(images.shape[0], self.gram_dim)
+        elif gram is None:
             with torch.no_grad():  # frozen and deterministic: nothing to backpropagate into
                 gram = self.gram_encoder(images)
         elif gram.shape != (images.shape[0], self.gram_dim):
             raise ValueError(f"gram must be ({images.shape[0]}, {self.gram_dim}) for these "
                              f"images; got {tuple(gram.shape)}")
-        prompts = self.prompt_tokens(gram.to(images.device))
+        prompts = self.prompt_tokens(gram.to(images.device)) if self.use_prompts else None
         features = self.vision_features(clip_pixels(self.clip, images), prompts)
         return F.normalize(features.float(), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Frozen CLIP text tower (docs/method.md 3: no style adaptation), float32, L2."""
-        with torch.no_grad():
+        """CLIP text tower (docs/method.md 3: no style adaptation), float32, L2; frozen unless
+        the "authors" trainable set trains its LayerNorms and in-projections."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trains):
             return encode_text(self.clip, tokens)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Copies of the trainable tensors only (generators + vision LayerNorms)."""
+        """Copies of the trainable tensors only (by default generators + vision LayerNorms)."""
         return {name: p.detach().clone() for name, p in self.named_parameters()
                 if p.requires_grad}
 
