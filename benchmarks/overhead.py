@@ -64,6 +64,8 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing it
 
+from embed_throughput import machine_busy  # noqa: E402 - a sibling script, same folder
+
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.device import amp_dtype, autocast, resolve_device  # noqa: E402
 from pipeline.models.clip import encode_image_baseline, load_clip  # noqa: E402
@@ -187,16 +189,6 @@ def flops_per_image(calls: dict[str, Call], device: torch.device) -> tuple[dict[
     flops = {name: count_flops(call) for name, call in calls.items()}
     sync(device)
     return flops, time.perf_counter() - started
-
-
-def machine_busy() -> float:
-    """Non-idle CPU seconds of all processes since boot (/proc/stat); 0 where unavailable."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0
-    ticks = [int(v) for v in fields]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # - idle, iowait
 
 
 class OthersClock:

@@ -115,9 +115,9 @@ def search_set(qs: QuerySet, index, store: VectorStore, depth: int,  # noqa: ANN
         return search_rerank(index, qs.emb, depth, cfg.nprobe, cfg.rerank_k, store.lookup)
     softmax = qs.fusion == "softmax-max"
     log_z = None
-    if softmax and cfg.softmax_over == "gallery":
-        log_z = (log_partition(qs.emb, store.blocks()),
-                 log_partition(qs.emb_partner, store.blocks()))
+    if softmax and cfg.softmax_over == "gallery":  # both queries in one pass over the store
+        both = log_partition(np.concatenate([qs.emb, qs.emb_partner]), store.blocks())
+        log_z = (both[:len(qs.emb)], both[len(qs.emb):])
     return search_fused_max(index, qs.emb, qs.emb_partner, depth, cfg.nprobe, cfg.rerank_k,
                             store.lookup, softmax=softmax, log_z=log_z)
 
@@ -139,7 +139,7 @@ def score_set(method: str, qs: QuerySet, index, store: VectorStore,  # noqa: ANN
     if len(pairs.query_ids):
         batch_ranks = batch_protocol_ranks(
             pairs.emb, store.lookup(pairs.targets), cfg.batch_pairs, pairs.emb_partner,
-            fusion=pairs.fusion if pairs.emb_partner is not None else "softmax-max")
+            fusion=pairs.fusion)
         rows += recall_rows(method, pairs, "batch", batch_ranks, cfg.ks)
         ranks.append(ranks_table(method, pairs, "batch", batch_ranks, None))
     return Scored(rows, results_table(method, qs, D, I, cfg.keep_k), ranks)

@@ -395,10 +395,11 @@ def rerank(
 
 def _exact_top_k(
     xqs: list[np.ndarray], I: np.ndarray, lookup: VectorLookup, k: int,
-    scale: float = 1.0, offsets: list[np.ndarray] | None = None,
+    softmax: bool = False, log_z: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row of I by the max over `xqs` of the exact inner products; with
-    `offsets`, of scale * (x . v) - offset (one offset per query row and array)."""
+    `softmax`, of the log-softmax values SOFTMAX_SCALE * (x . v) - log Z, log Z per query row
+    and array from `log_z`, or (None) over the row's own candidates in I."""
     xqs = [np.ascontiguousarray(x, dtype=np.float32) for x in xqs]
     xq = xqs[0]
     I = np.asarray(I, dtype=np.int64)
@@ -408,8 +409,8 @@ def _exact_top_k(
         raise ValueError(f"k must be >= 1; got {k}")
     if I.ndim != 2 or len(I) != len(xq):
         raise ValueError(f"I must be ({len(xq)}, k') for {len(xq)} queries; got {I.shape}")
-    if offsets is not None and len(offsets) != len(xqs):
-        raise ValueError(f"need one offset array per query array; got {len(offsets)}")
+    if log_z is not None and len(log_z) != len(xqs):
+        raise ValueError(f"need one log_z array per query array; got {len(log_z)}")
     nq, width = I.shape
     D_out = np.full((nq, k), MISSING_SCORE, dtype=np.float32)
     I_out = np.full((nq, k), -1, dtype=np.int64)
@@ -424,13 +425,16 @@ def _exact_top_k(
     for start in range(0, nq, block):
         stop = min(nq, start + block)
         gathered = xb[rows[start:stop]]
+        invalid = I[start:stop] < 0
         scores = None
         for j, x in enumerate(xqs):
             s = np.einsum("qd,qwd->qw", x[start:stop], gathered)
-            if offsets is not None:
-                s = scale * s.astype(np.float64) - np.asarray(offsets[j])[start:stop, None]
+            if softmax:
+                s = np.where(invalid, -np.inf, SOFTMAX_SCALE * s.astype(np.float64))
+                z = logsumexp_rows(s) if log_z is None else np.asarray(log_z[j])[start:stop]
+                s = s - np.where(np.isfinite(z), z, 0.0)[:, None]
             scores = s if scores is None else np.maximum(scores, s)
-        scores[I[start:stop] < 0] = -np.inf
+        scores[invalid] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
         top = np.take_along_axis(scores, order, axis=1)
         missing = ~np.isfinite(top)
@@ -506,27 +510,5 @@ def search_fused_max(
     _, I_b = search(index, xb, width, nprobe)
     I = np.sort(np.concatenate([I_a, I_b], axis=1), axis=1)
     I[:, 1:][I[:, 1:] == I[:, :-1]] = -1  # an id in both lists counts once
-    if not softmax:
-        return _exact_top_k([xa, xb], I, lookup, k)
-    if log_z is None:
-        log_z = tuple(_union_log_z(x, I, lookup, SOFTMAX_SCALE) for x in (xa, xb))
-    return _exact_top_k([xa, xb], I, lookup, k, SOFTMAX_SCALE, list(log_z))
-
-
-def _union_log_z(x: np.ndarray, I: np.ndarray, lookup: VectorLookup,
-                 scale: float) -> np.ndarray:
-    """Per row, log sum exp(scale * x . v) over the valid ids of that row of I."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    ids = np.unique(I[I >= 0])
-    if ids.size == 0:
-        return np.full(len(x), -np.inf)
-    xb = _fetch(lookup, ids, x.shape[1])
-    rows = np.searchsorted(ids, np.maximum(I, ids[0]))
-    out = np.empty(len(x))
-    block = max(1, (1 << 22) // max(1, I.shape[1] * x.shape[1]))
-    for start in range(0, len(x), block):
-        stop = min(len(x), start + block)
-        logits = scale * np.einsum("qd,qwd->qw", x[start:stop], xb[rows[start:stop]])
-        logits = np.where(I[start:stop] >= 0, logits.astype(np.float64), -np.inf)
-        out[start:stop] = logsumexp_rows(logits)
-    return out
+    return _exact_top_k([xa, xb], I, lookup, k, softmax=softmax,
+                        log_z=None if log_z is None else list(log_z))

@@ -273,7 +273,7 @@ def batch_protocol_ranks(
     `q_emb_extra` (e.g. the text of a sketch+text query), the two similarity rows are fused by
     `fusion`: `softmax-max` (the authors': softmax over the batch's photos) or `cosine-max`.
     """
-    if fusion not in ("softmax-max", "cosine-max"):
+    if q_emb_extra is not None and fusion not in ("softmax-max", "cosine-max"):
         raise ValueError(f"fusion must be 'softmax-max' or 'cosine-max'; got {fusion!r}")
     q = _unit_rows(q_emb)
     g = _unit_rows(g_emb)

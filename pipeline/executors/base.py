@@ -50,6 +50,27 @@ def read_own_record(job: Job) -> UnitRecord | None:
     return record
 
 
+def run_job_json(job_json: str, threads: int) -> str:
+    """In a worker process (pool worker, Ray actor): run the job on `threads` torch threads
+    and return its record's JSON (failed ones too). An error before the unit wrote a record
+    is raised for the executor to see as a lost attempt."""
+    import os
+
+    import torch
+
+    from pipeline.worker import run_job
+
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    job = Job.from_json(job_json)
+    try:
+        return run_job(job).to_json()
+    except Exception:
+        record = read_own_record(job)
+        if record is None:
+            raise
+        return record.to_json()
+
+
 class Executor:
     """Base class: `run` blocks until every job has ended (or raises)."""
 

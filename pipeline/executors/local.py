@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from pipeline.executors.base import Executor, Finished, Outcome, read_own_record
+from pipeline.executors.base import Executor, Finished, Outcome, read_own_record, run_job_json
 from pipeline.jobs import Job
 
 log = logging.getLogger(__name__)
@@ -82,24 +82,6 @@ def _init_worker(gpu_slots, threads: int) -> None:  # noqa: ANN001
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-def _run(job_json: str, threads: int) -> str:
-    """In a worker: run the job on `threads` torch threads; the record's JSON goes back
-    (failed ones too)."""
-    import torch
-
-    from pipeline.worker import run_job
-
-    torch.set_num_threads(threads)
-    job = Job.from_json(job_json)
-    try:
-        return run_job(job).to_json()
-    except Exception:
-        record = read_own_record(job)
-        if record is None:
-            raise
-        return record.to_json()
-
-
 class LocalExecutor(Executor):
     name = "local"
 
@@ -131,7 +113,7 @@ class LocalExecutor(Executor):
         # Fewer jobs than workers (train, index, score: one unit each) get the idle workers'
         # cores: a one-unit stage runs on every core, as inline, with the same numerics.
         threads = max(1, (os.cpu_count() or 1) // min(self.workers, len(jobs)))
-        futures: dict[Future, Job] = {pool.submit(_run, job.to_json(), threads): job
+        futures: dict[Future, Job] = {pool.submit(run_job_json, job.to_json(), threads): job
                                       for job in jobs}
         try:
             pending = set(futures)

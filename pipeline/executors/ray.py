@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.executors.base import Executor, Finished, Outcome, gpu_stages, read_own_record
+from pipeline.executors.base import (
+    Executor,
+    Finished,
+    Outcome,
+    gpu_stages,
+    read_own_record,
+    run_job_json,
+)
 from pipeline.jobs import Job
 from pipeline.stage import PipelineError
 
@@ -117,19 +124,7 @@ class UnitWorker:
     def run(self, job_json: str, threads: int) -> str:
         """Run the job on `threads` torch threads; its record's JSON goes back (failed ones
         too). An error before the unit wrote a record goes back as the error."""
-        import torch
-
-        from pipeline.worker import run_job
-
-        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-        job = Job.from_json(job_json)
-        try:
-            return run_job(job).to_json()
-        except Exception:
-            record = read_own_record(job)
-            if record is None:
-                raise
-            return record.to_json()
+        return run_job_json(job_json, threads)
 
 
 def init_actor(threads: int, log_level: int) -> None:

@@ -15,12 +15,10 @@ if TYPE_CHECKING:
 
 
 def spec_from_config(config: Config) -> PromptSpec:
-    """The paper's layout as `[model]` sets it (docs/method.md 3)."""
-    from pipeline.models.freestyle import PromptSpec
+    """The paper's layout as `[model]` sets it (pipeline.models.factory.prompt_spec)."""
+    from pipeline.models.factory import prompt_spec
 
-    m = config.model
-    return PromptSpec(n_tokens=m.n_tokens, shallow_init=m.shallow_init, deep_init=m.deep_init,
-                      shallow_layers=m.shallow_layers)
+    return prompt_spec(config)
 
 
 def centres(inputs: Artifacts):  # noqa: ANN201 - numpy array

@@ -10,7 +10,7 @@ from pipeline.methods import _prompted as prompted
 def _build(config, centres, device):  # noqa: ANN001, ANN202
     from pipeline.models.factory import build_model
 
-    return build_model(config, centres, device, prompted.spec_from_config(config))
+    return build_model(config, centres, device)  # [model]'s prompt layout
 
 
 def _load(config, inputs, device):  # noqa: ANN001, ANN202

@@ -34,16 +34,20 @@ def check_model_config(config: Config) -> None:
     check_pretrained(config.model.arch, pretrained_source(config))
 
 
+def prompt_spec(config: Config) -> PromptSpec:
+    """The paper's prompt layout as `[model]` sets it (docs/method.md 3)."""
+    m = config.model
+    return PromptSpec(n_tokens=m.n_tokens, shallow_init=m.shallow_init, deep_init=m.deep_init,
+                      shallow_layers=m.shallow_layers)
+
+
 def build_model(config: Config, centres: np.ndarray, device: torch.device,
                 spec: PromptSpec | None = None) -> tuple[FreestyleRet, object]:
     """(FreestyleRet with freshly initialised prompts, tokenizer); deterministic from run.seed.
     `spec`: the prompt layout, `[model]`'s by default (the vpt method passes its own)."""
     clip, tokenizer = load_clip(config.model.arch, pretrained_source(config),
                                 seed=config.run.seed, device=device)
-    if spec is None:
-        spec = PromptSpec(n_tokens=config.model.n_tokens, shallow_init=config.model.shallow_init,
-                          deep_init=config.model.deep_init,
-                          shallow_layers=config.model.shallow_layers)
+    spec = prompt_spec(config) if spec is None else spec
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
         model = FreestyleRet(clip, build_gram_encoder(config, device),
