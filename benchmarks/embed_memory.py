@@ -65,17 +65,18 @@ def child(args: argparse.Namespace) -> None:
     import logging
 
     from pipeline import commands
+    from stages import all_stages
     logging.basicConfig(level=logging.ERROR)
     config = load(args.work_dir, args.items, args.extra)
     if args.child == "setup":
-        commands.run(config, ["train"], progress=False)
+        commands.run(all_stages, config, ["train"], progress=False)
         return
-    commands.reset(config, "embed")
+    commands.reset(all_stages, config, "embed")
     before = status_kib("VmRSS")
     started = time.perf_counter()
-    reports = commands.run(config, ["embed"], progress=False)[-1:]  # upstream: done
+    reports = commands.run(all_stages, config, ["embed"], progress=False)[-1:]  # upstream: done
     seconds = time.perf_counter() - started
-    rows = commands.sql(config, "SELECT count(*) FROM gallery_embeddings")[0][0].as_py()
+    rows = commands.sql(all_stages, config, "SELECT count(*) FROM gallery_embeddings")[0][0].as_py()
     print(json.dumps({
         "items": args.items, "embedded": rows, "shards": reports[0].units,
         "seconds": seconds, "rss_before_kib": before,

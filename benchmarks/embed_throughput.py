@@ -8,7 +8,7 @@ Sets up a demo run (the shipped pipeline.toml with the CLI's values and `train.e
 the weights do not matter for speed) and runs every stage up to `train`. Then, in this one
 process and after a warm-up of each side:
 
-- stage: `commands.run(config, ["embed"])` (its inputs done) over all shards, images/s from
+- stage: `commands.run(..., ["embed"])` (its inputs done) over all shards, images/s from
   its wall time (model build, decoding, catalog writes and Parquet writes included), plus
   the per-shard `images_per_s` metrics it records in the catalog;
 - bare: the same model objects the stage builds, on gallery tensors decoded beforehand (not
@@ -79,7 +79,7 @@ def with_workers(config: Config, num_workers: int) -> Config:
 
 def embed_context(config: Config):
     """(embed stage, its context) as the runner builds them for this config."""
-    runner = Runner(config, all_stages(), ProgressBoard(False))
+    runner = Runner(config, all_stages, ProgressBoard(False))
     stage = next(s for s in runner.stages if s.name == "embed")
     inputs = upstream_inputs(runner.catalog, stage, runner.fingerprints, config.work_dir)
     return stage, runner.context(stage, inputs)
@@ -153,9 +153,9 @@ def machine_busy() -> float:
 
 def time_stage(config: Config) -> tuple[Timing, list[float]]:
     """Embed every shard through the runner (after forgetting earlier embed results)."""
-    commands.reset(config, "embed")
+    commands.reset(all_stages, config, "embed")
     clock = Clock()
-    commands.run(config, ["embed"], progress=False)
+    commands.run(all_stages, config, ["embed"], progress=False)
     timing = clock.stop(0)
     stage, ctx = embed_context(config)
     rows = Catalog.in_dir(config.work_dir).rows(
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = demo_config(work_dir, args.items, args.batch_size, args.num_workers[0],
                              args.image_size, args.arch, args.extra)
         started = time.perf_counter()
-        commands.run(config, ["train"], progress=False)
+        commands.run(all_stages, config, ["train"], progress=False)
         print(f"setup (ingest .. train, epochs=1): {time.perf_counter() - started:.1f}s "
               f"in {work_dir}")
         run_benchmark(config, args)
@@ -224,9 +224,9 @@ def run_benchmark(config: Config, args: argparse.Namespace) -> None:
           f"num_workers {args.num_workers}, load average {os.getloadavg()[0]:.2f}")
 
     # Warm-up: one shard through the stage, one batch through the bare loop.
-    commands.reset(config, "embed")
-    commands.run(config, ["embed"], plan_only=True, progress=False)
-    commands.work(config, "embed", shard=0, progress=False)
+    commands.reset(all_stages, config, "embed")
+    commands.run(all_stages, config, ["embed"], plan_only=True, progress=False)
+    commands.work(all_stages, config, "embed", shard=0, progress=False)
     bare_loop(config, shards, models, limit=1)
 
     print(f"{'workers':>7} {'rep':>3} {'stage img/s':>11} {'bare img/s':>10} {'ratio':>6} "

@@ -55,7 +55,7 @@ def time_extract(base: Path, tmp: Path, items: int, executor: str, workers: int,
     config = demo_config(work, items, [f'run.executor="{executor}"', f"run.workers={workers}",
                                        *extra])
     started = time.perf_counter()
-    reports = commands.run(config, ["extract"], progress=False)
+    reports = commands.run(all_stages, config, ["extract"], progress=False)
     seconds = time.perf_counter() - started
     ran = {r.stage: r.ran for r in reports}
     assert ran["extract"] == reports[-1].units, ran
@@ -66,7 +66,7 @@ def bench_extract(args: argparse.Namespace, tmp: Path) -> None:
     base = tmp / "prepared"
     config = demo_config(base, args.items, args.extra)
     started = time.perf_counter()
-    commands.run(config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
     shards = len(Catalog.in_dir(base).units("prepare", fingerprints(all_stages(),
                                                                     config)["prepare"]))
     print(f"setup: prepare {args.items} photos in {shards} shards "
@@ -130,7 +130,7 @@ def bench_driver(args: argparse.Namespace, tmp: Path) -> None:
     timings = []
     for _ in range(3):
         started = time.perf_counter()
-        statuses = commands.status(config)
+        statuses = commands.status(all_stages, config)
         timings.append(time.perf_counter() - started)
     extract = {s.stage: s for s in statuses}[stage]
     assert extract.done == args.records, extract

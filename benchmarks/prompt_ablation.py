@@ -40,6 +40,7 @@ from pipeline import commands  # noqa: E402
 from pipeline.arrays import arrow_to_vectors  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.training import recall_at_1 as argmax_recall  # noqa: E402
+from stages import all_stages  # noqa: E402
 
 # (name, overrides): the paper's layout first (the shipped config), then the ablations of
 # docs/method.md section 3 that change where the prompts come from, then what trains.
@@ -69,9 +70,11 @@ def centred_unit(x: np.ndarray) -> np.ndarray:
 
 def gram_signal(config: Config) -> dict[str, tuple[float, int, int]]:
     """style -> (R@1 of centred Gram vectors vs the training photos', queries, photos)."""
-    photos = commands.sql(config, "SELECT g.image_id, g.gram FROM gallery_gram g JOIN gallery "
+    photos = commands.sql(all_stages,
+                          config, "SELECT g.image_id, g.gram FROM gallery_gram g JOIN gallery "
                                   "USING (image_id) WHERE split = 'train' ORDER BY image_id")
-    queries = commands.sql(config, "SELECT q.style, q.image_id, f.gram FROM gram_features f "
+    queries = commands.sql(all_stages,
+                           config, "SELECT q.style, q.image_id, f.gram FROM gram_features f "
                                    "JOIN queries q USING (query_id) WHERE q.split = 'train' "
                                    "ORDER BY q.query_id")
     photo_ids = np.array(photos["image_id"].to_pylist())
@@ -89,7 +92,7 @@ def gram_signal(config: Config) -> dict[str, tuple[float, int, int]]:
 
 def recall_at_1(config: Config) -> dict[str, dict[str, float]]:
     """query set ('art', 'art+text/mean', ...) -> method -> gallery-protocol R@1."""
-    table = commands.recall_table(config)
+    table = commands.recall_table(all_stages, config)
     if table is None:
         raise RuntimeError(f"the score stage did not finish in {config.work_dir}")
     out: dict[str, dict[str, float]] = {}
@@ -136,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         work_dir = args.work_dir or Path(tmp) / "run"
         base = demo_config(work_dir, args.set)
         start = time.perf_counter()
-        commands.run(base, ["cluster"], progress=False)
+        commands.run(all_stages, base, ["cluster"], progress=False)
         print(f"demo run in {work_dir}: extract + cluster {time.perf_counter() - start:.0f} s")
         print("\nGram instance signal, training split (R@1 of centred Gram vectors against "
               "the training photos'; chance = 1 / photos):")
@@ -147,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, overrides in variants:
             start = time.perf_counter()
             config = demo_config(work_dir, [*args.set, *overrides])
-            commands.run(config, ["all"], progress=False)
+            commands.run(all_stages, config, ["all"], progress=False)
             results[name] = recall_at_1(config)
             print(f"variant {name!r} ({', '.join(overrides) or 'shipped config'}): "
                   f"train..score {time.perf_counter() - start:.0f} s", flush=True)

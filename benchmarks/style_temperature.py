@@ -60,6 +60,7 @@ from pipeline.style_space import (  # noqa: E402
     style_feature_torch,
     style_weights,
 )
+from stages import all_stages  # noqa: E402
 
 VGG_FILE = Path("vgg19") / "vgg19_conv1_1-conv3_4_adain_layout.pth"
 REAL_TEMPERATURES = (1.0, 0.3, 0.1, 0.03, 0.01)
@@ -247,11 +248,13 @@ def demo_config(work_dir: Path, temperature: float, overrides: Sequence[str]) ->
 
 def train_results(config: Config) -> dict:
     """The train stage's history and per-style validation R@1 of `config`'s plan."""
-    history = commands.sql(config, "SELECT epoch, loss, val_recall_at_1 FROM train_history "
+    history = commands.sql(all_stages,
+                           config, "SELECT epoch, loss, val_recall_at_1 FROM train_history "
                                    "ORDER BY epoch").to_pylist()
     if not history:
         raise RuntimeError(f"train did not finish in {config.work_dir}")
-    metrics = commands.sql(config, "SELECT name, value, labels_json FROM current_metrics "
+    metrics = commands.sql(all_stages,
+                           config, "SELECT name, value, labels_json FROM current_metrics "
                                    "WHERE stage = 'train'").to_pylist()
     scalars = {m["name"]: m["value"] for m in metrics if m["labels_json"] in (None, "{}")}
     best = int(scalars["best_epoch"])
@@ -260,7 +263,8 @@ def train_results(config: Config) -> dict:
         labels = json.loads(m["labels_json"] or "{}")
         if m["name"] == "val_recall@1" and "style" in labels:
             by_style.setdefault(int(labels["epoch"]), {})[labels["style"]] = m["value"]
-    weights = commands.sql(config, "SELECT avg(list_max(weights)) AS w FROM style_assignments "
+    weights = commands.sql(all_stages,
+                           config, "SELECT avg(list_max(weights)) AS w FROM style_assignments "
                                    "WHERE split = 'train'").to_pylist()[0]["w"]
     return {"history": history, "best": best, "by_style": by_style,
             "val_photos": int(scalars["validation_photos"]),
@@ -276,7 +280,7 @@ def demo_part(work_dir: Path, temperatures: Sequence[float], overrides: Sequence
     for temperature in temperatures:
         config = demo_config(work_dir, temperature, overrides)
         start = time.perf_counter()
-        commands.run(config, ["train"], progress=False)
+        commands.run(all_stages, config, ["train"], progress=False)
         results[temperature] = train_results(config)
         reused = " (prepare and extract reused)" if len(results) > 1 else ""
         print(f"T = {temperature:g}: prepare..train {time.perf_counter() - start:.0f} s{reused}",

@@ -13,12 +13,13 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from pipeline.leases import Lease, pid_alive, this_host
 from pipeline.records import RECORDS, ArtifactRecord
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 TMP_MARK = ".tmp."
 
@@ -40,6 +41,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def write_parquet(table: pa.Table, path: str | Path) -> Path:
     """Atomically write `table` to `path` (zstd); returns the path."""
+    import pyarrow.parquet as pq
+
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return Path(path)

@@ -35,26 +35,23 @@ class CatalogBusy(RuntimeError):
     """The catalog stayed locked by other processes for longer than the timeout."""
 
 
-def _arrow_schema(*columns: tuple[str, str]) -> Any:
-    import pyarrow as pa
-
-    return pa.schema([(name, getattr(pa, kind)()) for name, kind in columns])
-
-
 _IDENT = (("stage", "string"), ("unit_key", "string"), ("fingerprint", "string"))
-_ARTIFACTS = _arrow_schema(*_IDENT, ("kind", "string"), ("path", "string"), ("rows", "int64"),
-                           ("bytes", "int64"), ("sha256", "string"))
-_FAILURES = _arrow_schema(*_IDENT, ("item_kind", "string"), ("item_id", "int64"),
-                          ("path", "string"), ("reason", "string"))
-_METRICS = _arrow_schema(*_IDENT, ("name", "string"), ("value", "float64"),
-                         ("labels_json", "string"))
+# The columns of the catalog's per-unit child tables (arrow type names; pyarrow loads only
+# when records are ingested, so `fsr-pipe status` with nothing new starts without it).
+_ARTIFACTS = (*_IDENT, ("kind", "string"), ("path", "string"), ("rows", "int64"),
+              ("bytes", "int64"), ("sha256", "string"))
+_FAILURES = (*_IDENT, ("item_kind", "string"), ("item_id", "int64"), ("path", "string"),
+             ("reason", "string"))
+_METRICS = (*_IDENT, ("name", "string"), ("value", "float64"), ("labels_json", "string"))
 
 
-def _unit_children(records: Sequence[Any], schema: Any, items: Any) -> Any:
-    """An Arrow table of `schema`: the (stage, unit_key, fingerprint) of each record, then
+def _unit_children(records: Sequence[Any], columns: tuple[tuple[str, str], ...],
+                   items: Any) -> Any:
+    """An Arrow table of `columns`: the (stage, unit_key, fingerprint) of each record, then
     the fields of each of its `items(record)` (artifacts, failures, metrics)."""
     import pyarrow as pa
 
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in columns])
     return pa.Table.from_pylist(
         [{"stage": r.stage, "unit_key": r.unit_key, "fingerprint": r.fingerprint, **fields}
          for r in records for fields in items(r)], schema=schema)
@@ -340,8 +337,10 @@ class Catalog:
             for spec in specs:
                 con.execute(f"CREATE OR REPLACE VIEW {spec.name} AS {_view_body(con, spec)}")
 
-    def query_plans(self, sql: str, plans: Sequence[PlanRow], specs: Sequence[ViewSpec]) -> Any:
-        """Run `sql` read-only as if `plans` were the current plans.
+    def query_plans(self, sql: str, plans: Sequence[PlanRow], specs: Sequence[ViewSpec],
+                    arrow: bool = True) -> Any:
+        """Run `sql` read-only as if `plans` were the current plans: an Arrow table, or with
+        arrow=False (column names, rows as tuples), which needs no pyarrow.
 
         Temporary views named `stages` and after every spec shadow the stored ones for this
         connection only, so the views of views.sql and the artifact views all follow `plans`
@@ -364,7 +363,10 @@ class Catalog:
             )
             for spec in specs:
                 con.execute(f"CREATE TEMP VIEW {spec.name} AS {_view_body(con, spec)}")
-            return _to_arrow(con.sql(sql))
+            relation = con.sql(sql)
+            if relation is None:  # a statement that returns nothing
+                raise duckdb.InvalidInputException(f"not a query (it returns no rows): {sql}")
+            return _to_arrow(relation) if arrow else (relation.columns, relation.fetchall())
 
 
 def _view_body(con: duckdb.DuckDBPyConnection, spec: ViewSpec) -> str:

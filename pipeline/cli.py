@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -18,30 +19,26 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-try:
-    import faiss  # noqa: F401 - checked first: a missing extra is one line, not a traceback
-except ModuleNotFoundError as _missing:
-    if _missing.name != "faiss":
-        raise
-    sys.exit("error: faiss is not installed. Install fsr-pipe with one of its faiss extras: "
-             "pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' on a CUDA 12 machine "
-             "(faiss-gpu-cu12); not both, they install the same faiss module")
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline import commands
-from pipeline.catalog import CatalogBusy
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.data.sources import SourceError
 from pipeline.executors import HandedOff
 from pipeline.models import WeightsError
 from pipeline.progress import console
 from pipeline.stage import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.commands import StageReport
+
+# Commands import what they compute with when they run (pipeline.commands: DuckDB; the stages'
+# compute: torch, open_clip, faiss), so `--help`, `status` and `sql` start in a fraction of a
+# second (docs/benchmarks.md, CLI start-up).
 
 app = typer.Typer(help="fsr-pipe: style-diversified image retrieval (FreestyleRet) as a "
                   "resumable batch pipeline.", no_args_is_help=True, add_completion=False)
@@ -69,6 +66,10 @@ def _run_flags(executor: str | None, workers: int | None, submit: bool) -> list[
 
 
 def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) -> Config:
+    if importlib.util.find_spec("faiss") is None:  # a missing extra: one line, not a traceback
+        sys.exit("error: faiss is not installed. Install fsr-pipe with one of its faiss extras: "
+                 "pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' on a CUDA 12 machine "
+                 "(faiss-gpu-cu12); not both, they install the same faiss module")
     level = logging.WARNING if quiet else logging.INFO
     if console.is_terminal:
         handler: logging.Handler = RichHandler(console=console, show_path=False)
@@ -102,6 +103,17 @@ def _on_sigterm(main_pid: int):  # noqa: ANN202
     return handler
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that say what to fix (one red line, exit 1). Those of modules not loaded yet
+    cannot have been raised, so they are not imported to be caught."""
+    errors: list[type[Exception]] = [PipelineError, WeightsError, FileNotFoundError]
+    for module, name in (("pipeline.catalog", "CatalogBusy"),
+                         ("pipeline.data.sources", "SourceError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signature
     """Turn the errors users can fix into one red line and an exit code (2 config, 1 other)."""
     import functools
@@ -118,7 +130,9 @@ def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signatur
             raise typer.Exit(0) from None
         except ConfigError as exc:
             _fail(exc, 2)
-        except (PipelineError, SourceError, CatalogBusy, WeightsError, FileNotFoundError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, _user_errors()):
+                raise
             _fail(exc, 1)
         except KeyboardInterrupt:
             _fail("interrupted; finished units are kept, run the same command again to resume",
@@ -146,15 +160,18 @@ def run_cmd(
     submit: SubmitOption = False,
 ) -> None:
     """Run the pipeline (or one stage and what it needs), skipping finished work."""
+    from pipeline import commands
+    from stages import all_stages
+
     cfg = _setup(config, [*(overrides or []), *_run_flags(executor, workers, submit)], quiet)
-    reports = commands.run(cfg, [target])
+    reports = commands.run(all_stages, cfg, [target])
     _print_reports(reports)
     same = _same_config(config, overrides)
-    recall = commands.recall_table(cfg) if target in ("all", "score") else None
+    recall = commands.recall_table(all_stages, cfg) if target in ("all", "score") else None
     if recall is not None and len(recall):
         typer.echo(_render(_recall_view(recall, cfg)))
         typer.echo(f"Again, or as data: fsr-pipe sql \"{commands.recall_sql(cfg)}\"{same}")
-        paired = commands.paired_table(cfg)
+        paired = commands.paired_table(all_stages, cfg)
         if paired:
             typer.echo(_render(_paired_view(paired, cfg)))
             typer.echo(f"Wins and losses at every K: fsr-pipe sql "
@@ -201,6 +218,8 @@ def _recall_view(result, config: Config) -> Table:
 def _paired_view(rows: list[dict], config: Config) -> Table:
     """One row per (protocol, query set) at the smallest K: the first method's wins and
     losses against each other method, query by query, and the sign test's p."""
+    from pipeline.commands import SINGLE_STYLES
+
     k = min(r["k"] for r in rows)
     rows = [r for r in rows if r["k"] == k]
     (_, first, _), *others = _method_columns(config)
@@ -214,7 +233,7 @@ def _paired_view(rows: list[dict], config: Config) -> Table:
         groups.setdefault((r["protocol"], r["style"], r["fusion"]), {})[r["versus"]] = r
     # As the recall table (gallery first, query sets by name), each protocol's pooled line last.
     for (protocol, style, fusion), by_method in sorted(groups.items(), key=lambda g: (
-            g[0][0] != "gallery", g[0][0], g[0][1] == commands.SINGLE_STYLES, g[0][1:])):
+            g[0][0] != "gallery", g[0][0], g[0][1] == SINGLE_STYLES, g[0][1:])):
         cells = [f"+{r['wins']} -{r['losses']} p={r['p']:.2g}" if r else ""
                  for r in (by_method.get(column) for column, _, _ in methods)]
         n = max(r["queries"] for r in by_method.values())
@@ -234,8 +253,11 @@ def stage_cmd(
     """Run a stage's units, or one shard of it, as a worker (e.g. a Slurm array task): from
     the plan file `fsr-pipe plan` wrote, writing unit records, never opening the catalog.
     `fsr-pipe run` or `status` ingests the records."""
+    from pipeline import commands
+    from stages import all_stages
+
     cfg = _setup(config, overrides, quiet)
-    records = commands.work(cfg, name, shard=shard)
+    records = commands.work(all_stages, cfg, name, shard=shard)
     for r in records:
         console.print(f"  {r.stage} {r.unit_key}: {r.rows} rows in {r.seconds:.1f}s "
                       f"(record written; `fsr-pipe status` ingests it)", highlight=False)
@@ -253,8 +275,11 @@ def plan_cmd(
 ) -> None:
     """Plan a stage and write its plan file, so workers (`fsr-pipe stage NAME --shard N`) can
     run its units without the catalog."""
+    from pipeline import commands
+    from stages import all_stages
+
     cfg = _setup(config, overrides, quiet)
-    for r in commands.run(cfg, [name], plan_only=True):
+    for r in commands.run(all_stages, cfg, [name], plan_only=True):
         console.print(f"  {r.stage:<10} {r.units} unit(s) planned (fingerprint "
                       f"{r.fingerprint}): {cfg.work_dir / r.stage / r.fingerprint / '_plan.json'}",
                       highlight=False)
@@ -281,10 +306,13 @@ def worker_cmd(
 def status_cmd(config: ConfigOption = Path("pipeline.toml"), overrides: SetOption = None) -> None:
     """Per stage: units done / pending / running / lost / failed / stale, rows and time;
     ingests the unit records workers wrote since the last run."""
+    from pipeline import commands
+    from stages import all_stages
+
     cfg = _setup(config, overrides, quiet=True)
     table = Table("stage", "fingerprint", "done", "pending", "running", "lost", "failed",
                   "stale", "rows", "seconds", "notes", title=f"fsr-pipe status: {cfg.work_dir}")
-    statuses = commands.status(cfg)
+    statuses = commands.status(all_stages, cfg)
     for st in statuses:
         if not st.planned:
             state = ["[dim]not planned[/]", "", "", "", "", str(st.stale or "")]
@@ -317,13 +345,16 @@ def reset_cmd(
 ) -> None:
     """Forget a stage and the stages after it, under every config run in this work dir (all
     fingerprints), and delete their files."""
+    from pipeline import commands
+    from stages import all_stages
+
     cfg = _setup(config, overrides, quiet=True)
     if not yes:
         if not sys.stdin.isatty():
             _fail("reset deletes results and stdin is not a terminal to ask; pass --yes", 2)
         typer.confirm(f"Delete every result of {name} and of each stage after it in "
                       f"{cfg.work_dir}?", abort=True)
-    names = commands.reset(cfg, name)
+    names = commands.reset(all_stages, cfg, name)
     console.print(f"reset: {', '.join(names)}")
 
 
@@ -338,9 +369,12 @@ def sql_cmd(
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
 ) -> None:
     """Query the run's catalog (tables, views over Parquet artifacts) and print the result."""
+    from pipeline import commands
+    from stages import all_stages
+
     cfg = _setup(config, overrides, quiet=True)
     try:
-        result = commands.sql(cfg, query)
+        result = commands.sql(all_stages, cfg, query, arrow=csv)
     except Exception as exc:  # duckdb raises many types; show them as one line
         if type(exc).__module__.split(".")[0] not in ("duckdb", "_duckdb"):
             raise
@@ -350,13 +384,14 @@ def sql_cmd(
 
         pacsv.write_csv(_flat(result.slice(0, max_rows)), sys.stdout.buffer)
         return
+    columns, rows = result
     max_rows = 50 if max_rows is None else max_rows
-    table = Table(*result.column_names)
-    for row in result.slice(0, max_rows).to_pylist():
-        table.add_row(*(_cell(v) for v in row.values()))
+    table = Table(*columns)
+    for row in rows[:max_rows]:
+        table.add_row(*(_cell(v) for v in row))
     typer.echo(_render(table))
-    if len(result) > max_rows:
-        typer.echo(f"({len(result)} rows, {max_rows} shown; --max-rows to see more)")
+    if len(rows) > max_rows:
+        typer.echo(f"({len(rows)} rows, {max_rows} shown; --max-rows to see more)")
 
 
 def _flat(result):  # noqa: ANN001, ANN202 - pyarrow Table in and out
@@ -389,7 +424,7 @@ def _render(table: Table) -> str:
     return capture.get().rstrip("\n")
 
 
-def _print_reports(reports: list[commands.StageReport]) -> None:
+def _print_reports(reports: list[StageReport]) -> None:
     ran = sum(r.ran for r in reports)
     for r in reports:
         console.print(f"  {r.stage:<10} {r.ran} unit(s) run, {r.skipped} already done "

@@ -1,4 +1,8 @@
-"""What the CLI commands do, as plain functions (the CLI only parses and prints)."""
+"""What the CLI commands do, as plain functions (the CLI only parses and prints).
+
+Each takes the pipeline's stages as a factory (`stages.all_stages` for fsr-pipe): this module
+knows what a stage is, not which stages there are, and the jobs it makes name the factory so
+that every worker builds the same ones (pipeline.stage.factory_name)."""
 
 from __future__ import annotations
 
@@ -6,8 +10,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
-
-import pyarrow as pa
+from typing import TYPE_CHECKING
 
 from pipeline.catalog import Catalog
 from pipeline.config import Config
@@ -15,7 +18,6 @@ from pipeline.jobs import Job, PlanMissing, plan_path, read_plan
 from pipeline.leases import read_lease, read_leases
 from pipeline.progress import ProgressBoard
 from pipeline.records import UnitRecord, read_record
-from pipeline.retrieval import sign_test_p
 from pipeline.runner import (
     Runner,
     StageReport,
@@ -26,34 +28,33 @@ from pipeline.runner import (
     plan_rows,
     too_many_failures,
 )
-from pipeline.stage import PipelineError, shard_key
+from pipeline.stage import PipelineError, StageFactory, factory_name, shard_key
 from pipeline.worker import run_job
-from stages import all_stages
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
-STAGE_NAMES = tuple(s.name for s in all_stages())
 
-
-def run(config: Config, targets: list[str], progress: bool | None = None,
-        plan_only: bool = False) -> list[StageReport]:
+def run(factory: StageFactory, config: Config, targets: list[str],
+        progress: bool | None = None, plan_only: bool = False) -> list[StageReport]:
     """Run stages (`all` = every stage) on run.executor; returns what each stage did.
     plan_only: plan the targets and write their plan files for workers, run nothing."""
-    stages = all_stages()
-    names = [s.name for s in stages] if targets == ["all"] else targets
+    names = [s.name for s in factory()] if targets == ["all"] else targets
     if plan_only and "all" in targets:
         raise PipelineError("`fsr-pipe plan` plans one stage whose inputs are complete; "
                             "`fsr-pipe run all` runs every stage")
     with ProgressBoard(progress) as board:
-        return Runner(config, stages, board).run(names, plan_only=plan_only)
+        return Runner(config, factory, board).run(names, plan_only=plan_only)
 
 
-def work(config: Config, stage: str, shard: int | None = None,
+def work(factory: StageFactory, config: Config, stage: str, shard: int | None = None,
          progress: bool | None = None) -> list[UnitRecord]:
     """`fsr-pipe stage X [--shard N]`: run the stage's units (or one) as a worker: from its
     plan file, writing records, never opening the catalog. Units with a done record or a
     live lease are skipped. Returns the records written."""
-    stages = {s.name: s for s in all_stages()}
+    stages = {s.name: s for s in factory()}
     if stage == "all":
         raise PipelineError("`fsr-pipe stage` runs one stage (or one shard of it); "
                             "`fsr-pipe run all` runs every stage")
@@ -92,7 +93,7 @@ def work(config: Config, stage: str, shard: int | None = None,
                 log.warning("%s %s: skipped, %s (pid %d) runs it", stage, key, lease.host,
                             lease.pid)
                 continue
-            job = Job.of(config, path, key, params, stage, fp, attempt=1)
+            job = Job.of(config, path, key, params, stage, fp, factory_name(factory))
             written.append(run_job(job, board.task))
     return written
 
@@ -118,11 +119,11 @@ class StageStatus:
         self.notes = f"{self.notes}; {text}" if self.notes else text
 
 
-def status(config: Config) -> list[StageStatus]:
+def status(factory: StageFactory, config: Config) -> list[StageStatus]:
     """Per stage, the state of its plan under the current config (stale = older plans).
     Ingests the records workers wrote since the driver last did (the driver's job)."""
     catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
-    stages = all_stages()
+    stages = factory()
     expected = fingerprints(stages, config)
     if not catalog.path.exists():
         return [StageStatus(s.name, expected[s.name], False, notes=s.notes(config))
@@ -176,11 +177,11 @@ def status(config: Config) -> list[StageStatus]:
     return result
 
 
-def reset(config: Config, stage: str) -> list[str]:
+def reset(factory: StageFactory, config: Config, stage: str) -> list[str]:
     """Forget a stage and everything after it, and delete their files; returns their names."""
-    stages = all_stages()
-    if stage not in STAGE_NAMES:
-        raise PipelineError(f"unknown stage {stage!r}; stages: {list(STAGE_NAMES)}")
+    stages = factory()
+    if stage not in (names := [s.name for s in stages]):
+        raise PipelineError(f"unknown stage {stage!r}; stages: {names}")
     names = [s.name for s in downstream(stages, stage)]
     busy = []
     for name in names:
@@ -205,13 +206,15 @@ def reset(config: Config, stage: str) -> list[str]:
     return names
 
 
-def sql(config: Config, query: str) -> pa.Table:
+def sql(factory: StageFactory, config: Config, query: str,
+        arrow: bool = True) -> pa.Table | tuple[list[str], list[tuple]]:
     """Run a query against the run's catalog (read-only), its `stages` table and views showing
-    the plans of `config` (not those of whichever config ran last)."""
+    the plans of `config` (not those of whichever config ran last). arrow=False: (column
+    names, rows), without loading pyarrow (`fsr-pipe sql` printing a table)."""
     catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
-    stages = all_stages()
+    stages = factory()
     views = [v for s in stages for v in s.views]
-    return catalog.query_plans(query, plan_rows(stages, config), views)
+    return catalog.query_plans(query, plan_rows(stages, config), views, arrow=arrow)
 
 
 def recall_sql(config: Config) -> str:
@@ -223,12 +226,12 @@ def recall_sql(config: Config) -> str:
             "ORDER BY protocol DESC, style, fusion, k")
 
 
-def recall_table(config: Config) -> pa.Table | None:
+def recall_table(factory: StageFactory, config: Config) -> pa.Table | None:
     """recall_sql's result, or None when the score stage has not finished for this config."""
     if not any(st.stage == "score" and st.planned and st.done and not st.pending
-               and not st.failed and not st.running for st in status(config)):
+               and not st.failed and not st.running for st in status(factory, config)):
         return None
-    return sql(config, recall_sql(config))
+    return sql(factory, config, recall_sql(config))
 
 
 def paired_sql(config: Config) -> str:
@@ -253,16 +256,18 @@ def paired_sql(config: Config) -> str:
 SINGLE_STYLES = "single styles"  # paired_table's pooled row over the unfused query sets
 
 
-def paired_table(config: Config) -> list[dict]:
+def paired_table(factory: StageFactory, config: Config) -> list[dict]:
     """paired_sql's rows, plus per (protocol, versus, k) one row pooling the single-style
     sets (style SINGLE_STYLES), each with `p`: the exact two-sided sign test of wins vs
     losses. Read it once score has finished (`recall_table` is not None); empty when score
     scored one method."""
-    return with_pooled_and_p(sql(config, paired_sql(config)).to_pylist())
+    return with_pooled_and_p(sql(factory, config, paired_sql(config)).to_pylist())
 
 
 def with_pooled_and_p(rows: list[dict]) -> list[dict]:
     """paired_sql rows + the pooled single-style rows, each with its sign-test `p`."""
+    from pipeline.retrieval import sign_test_p
+
     pooled: dict[tuple, dict] = {}
     for r in rows:
         if r["fusion"] == "none":

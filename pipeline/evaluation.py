@@ -14,6 +14,7 @@ import pyarrow as pa
 from pipeline.config import ScoreConfig
 from pipeline.index import search_fused_max, search_rerank
 from pipeline.index_build import VectorStore
+from pipeline.records import RANKS, RESULTS
 from pipeline.retrieval import (
     batch_protocol_ranks,
     batch_recall,
@@ -25,15 +26,6 @@ from pipeline.retrieval import (
 )
 
 log = logging.getLogger(__name__)
-
-METRICS = ("metric VARCHAR, method VARCHAR, style VARCHAR, protocol VARCHAR, fusion VARCHAR, "
-           "k INTEGER, value DOUBLE, n_queries BIGINT")
-RESULTS = ("method VARCHAR, style VARCHAR, fusion VARCHAR, query_id BIGINT, partner_id BIGINT, "
-           "rank INTEGER, image_id BIGINT, score FLOAT")
-RANKS = ("method VARCHAR, style VARCHAR, protocol VARCHAR, fusion VARCHAR, query_id BIGINT, "
-         "partner_id BIGINT, target_id BIGINT, class_label VARCHAR, rank INTEGER")
-
-
 
 @dataclass
 class QuerySet:

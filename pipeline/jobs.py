@@ -111,13 +111,14 @@ class Job:
     plan_file: str  # absolute path of the stage's _plan.json
     config: dict[str, Any]  # pipeline.config.to_dict of the driver's config
     base_dir: str
+    factory: str  # pipeline.stage.factory_name of the driver's stages: workers build the same
     attempt: int = 1
 
     @classmethod
     def of(cls, config: Config, plan_file: Path, unit_key: str, params: dict[str, Any],
-           stage: str, fingerprint: str, attempt: int = 1) -> Job:
+           stage: str, fingerprint: str, factory: str, attempt: int = 1) -> Job:
         return cls(stage, fingerprint, unit_key, params, str(plan_file), to_dict(config),
-                   config.base_dir, attempt)
+                   config.base_dir, factory, attempt)
 
     def load_config(self) -> Config:
         return _config(json.dumps(self.config, sort_keys=True), self.base_dir)

@@ -181,3 +181,13 @@ def check_record(record: UnitRecord, fingerprint: str, planned: set[str],
         if size != a.bytes:
             return f"its file {path} has {size} bytes, the record says {a.bytes}"
     return None
+
+
+# The score stage's tables (pipeline.evaluation builds them, its views read them): columns as
+# DuckDB types, here so that a view needs no numpy or pyarrow.
+METRICS = ("metric VARCHAR, method VARCHAR, style VARCHAR, protocol VARCHAR, fusion VARCHAR, "
+           "k INTEGER, value DOUBLE, n_queries BIGINT")
+RESULTS = ("method VARCHAR, style VARCHAR, fusion VARCHAR, query_id BIGINT, partner_id BIGINT, "
+           "rank INTEGER, image_id BIGINT, score FLOAT")
+RANKS = ("method VARCHAR, style VARCHAR, protocol VARCHAR, fusion VARCHAR, query_id BIGINT, "
+         "partner_id BIGINT, target_id BIGINT, class_label VARCHAR, rank INTEGER")

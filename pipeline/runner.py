@@ -18,13 +18,12 @@ from pathlib import Path
 from pipeline.artifacts import remove_stale_tmp
 from pipeline.catalog import Catalog
 from pipeline.config import Config
-from pipeline.device import resolve_device
 from pipeline.executors import Executor, Outcome, make_executor
 from pipeline.jobs import Inputs, Job, StagePlan, plan_path, write_plan
 from pipeline.leases import read_leases, release
 from pipeline.progress import ProgressBoard
 from pipeline.records import PlanRow, UnitRecord, UnitRow, check_record, read_records, run_relative
-from pipeline.stage import PipelineError, Stage, StageContext
+from pipeline.stage import PipelineError, Stage, StageContext, StageFactory, factory_name
 from pipeline.worker import GOOD_ITEMS
 
 INGEST_EVERY_S = 2.0  # ingest finished records at most this often (and when a round ends)
@@ -188,10 +187,11 @@ class _Collector:
 
 
 class Runner:
-    def __init__(self, config: Config, stages: Sequence[Stage], board: ProgressBoard,
+    def __init__(self, config: Config, stages: StageFactory, board: ProgressBoard,
                  executor: Executor | None = None) -> None:
         self.config = config
-        self.stages = list(stages)
+        self.factory = factory_name(stages)  # the jobs carry it: workers build the same
+        self.stages = list(stages())
         self.board = board
         self.catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
         self.fingerprints = fingerprints(self.stages, config)
@@ -218,9 +218,15 @@ class Runner:
             if unknown := sorted(set(targets) - {s.name for s in order}):
                 raise PipelineError(f"unknown stage(s) {unknown}; stages: "
                                     f"{[s.name for s in self.stages]}")
-        if self.config.run.executor in ("inline", "local"):  # else the workers' machines
+        # Checks (weights exist, the device is there) fail fast before any work; stages done
+        # under their fingerprint have none to do, so a run with nothing to do loads no model
+        # code (torch, open_clip, faiss) and returns at once.
+        todo = order if plan_only else order[self._first_not_done(order):]
+        if todo and self.config.run.executor in ("inline", "local"):  # else the workers'
+            from pipeline.device import resolve_device
+
             resolve_device(self.config.run.device)
-        for stage in order:
+        for stage in todo:
             stage.check(self.config)
         self.catalog.init()
         if plan_only:
@@ -242,6 +248,17 @@ class Runner:
         finally:
             self.executor.close()
         return reports
+
+    def _first_not_done(self, order: Sequence[Stage]) -> int:
+        """Index in `order` of the first stage not done under its fingerprint by what the
+        catalog holds (records not yet ingested count as not done); len(order) if all are."""
+        if not self.catalog.path.exists():
+            return 0
+        for i, stage in enumerate(order):
+            units = self.catalog.units(stage.name, self.fingerprints[stage.name])
+            if not units or any(u.status != "done" for u in units):
+                return i
+        return len(order)
 
     def _require_upstream_done(self, stage: Stage) -> None:
         for name in stage.needs:
@@ -336,7 +353,7 @@ class Runner:
         lost_count: dict[str, int] = {}
         while queue:
             jobs = [Job.of(self.config, plan_file, key, params[key], stage.name, fp,
-                           attempts[key] + 1) for key in queue]
+                           self.factory, attempts[key] + 1) for key in queue]
             batch = _Collector(lambda records: ingest_records(
                 self.catalog, stage.name, fp, work_dir, records), report, advance)
             try:

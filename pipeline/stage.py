@@ -131,3 +131,27 @@ class Stage:
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+StageFactory = Callable[[], "tuple[Stage, ...]"]  # fresh instances of every stage, in order
+
+
+def factory_name(factory: StageFactory) -> str:
+    """`module:function` of a stage factory: what a job carries so that a pool process, a
+    Ray actor or a Slurm task builds the same stages as the driver."""
+    name = f"{factory.__module__}:{factory.__qualname__}"
+    if "<" in name:  # a lambda or a local function cannot be imported by a worker
+        raise PipelineError(f"stage factory {name} must be a module-level function")
+    return name
+
+
+def load_factory(name: str) -> StageFactory:
+    """The stage factory `module:function` names (factory_name's inverse)."""
+    import importlib
+
+    module, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PipelineError(f"cannot load the stage factory {name!r} ({exc}); run the same "
+                            "fsr-pipe version on every node") from None

@@ -28,7 +28,7 @@ from pipeline.records import (
     relative_artifacts,
     write_record,
 )
-from pipeline.stage import PipelineError, Stage, StageContext
+from pipeline.stage import PipelineError, Stage, StageContext, load_factory
 
 GOOD_ITEMS = "good_items"  # the metric holding UnitResult.good
 
@@ -42,18 +42,17 @@ def no_progress(description: str, total: int | None) -> Iterator[Callable[[int],
     yield lambda n=1: None
 
 
-_STAGES: dict[str, Stage] = {}
+_STAGES: dict[str, dict[str, Stage]] = {}  # factory name -> stage name -> instance
 
 
-def stage_instance(name: str) -> Stage:
-    """This process's instance of a stage (it caches its models between units)."""
-    if not _STAGES:
-        from stages import all_stages
-
-        _STAGES.update((s.name, s) for s in all_stages())
-    if name not in _STAGES:
-        raise PipelineError(f"unknown stage {name!r}; stages: {list(_STAGES)}")
-    return _STAGES[name]
+def stage_instance(factory: str, name: str) -> Stage:
+    """This process's instance of a stage of `factory` (it caches its models between units)."""
+    if factory not in _STAGES:
+        _STAGES[factory] = {s.name: s for s in load_factory(factory)()}
+    stages = _STAGES[factory]
+    if name not in stages:
+        raise PipelineError(f"unknown stage {name!r}; stages: {list(stages)}")
+    return stages[name]
 
 
 def context(job: Job, progress: Progress = no_progress) -> StageContext:
@@ -66,7 +65,7 @@ def context(job: Job, progress: Progress = no_progress) -> StageContext:
 def run_job(job: Job, progress: Progress = no_progress) -> UnitRecord:
     """Run the unit, write its record last and return it. A unit that raises gets a
     `failed` record (Ctrl-C and SIGTERM too) and the error propagates."""
-    stage = stage_instance(job.stage)
+    stage = stage_instance(job.factory, job.stage)
     out_dir = job.out_dir
     started = time.time()
     base = dict(stage=job.stage, fingerprint=job.fingerprint, unit_key=job.unit_key,

@@ -12,27 +12,25 @@ known styles as metrics.
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from pipeline.arrays import arrow_to_vectors, stable_uniform, vectors_to_arrow
-from pipeline.artifacts import describe, write_parquet
 from pipeline.records import MetricRecord, UnitRow, ViewSpec
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
-from pipeline.style_space import (
-    adjusted_rand_index,
-    assign,
-    cluster_purity,
-    fit_kmeans,
-    style_weights,
-)
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
 
 
 def _shard_vectors(ctx: StageContext, key: str) -> tuple[pa.Table, np.ndarray]:
     """(ids with item_kind, split, style; gram vectors) of one extract shard."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.arrays import arrow_to_vectors
+
     tables, grams = [], []
     for kind, id_name, gram_kind, meta_kind in (
         ("query", "query_id", "gram_queries", "queries"),
@@ -70,6 +68,14 @@ class ClusterStage(Stage):
         return [PlannedUnit("all", {})]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pipeline.arrays import stable_uniform, vectors_to_arrow
+        from pipeline.artifacts import describe, write_parquet
+        from pipeline.style_space import assign, fit_kmeans, style_weights
+
         cfg, seed = ctx.config.cluster, ctx.config.run.seed
         shards = [u.key for u in ctx.input_units("extract")]
         # Pass 1 keeps a seeded sample of training vectors; pass 2 streams the assignments
@@ -129,6 +135,11 @@ class ClusterStage(Stage):
     @staticmethod
     def _metrics(train_styles: list[str], train_clusters: np.ndarray,
                  assignments: pa.Table) -> list[MetricRecord]:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        from pipeline.style_space import adjusted_rand_index, cluster_purity
+
         metrics = [
             MetricRecord("purity", cluster_purity(train_styles, train_clusters),
                          {"split": "train"}),

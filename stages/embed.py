@@ -14,22 +14,19 @@ one shard's embeddings.
 from __future__ import annotations
 
 import time
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline import methods
-from pipeline.arrays import vectors_to_arrow
-from pipeline.artifacts import describe, write_parquet
 from pipeline.config import Config, fingerprint_fields
-from pipeline.data.loader import ImageItem, encode_items
-from pipeline.device import resolve_device
-from pipeline.methods import Encoders
-from pipeline.models.factory import check_model_config
 from pipeline.records import FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from pipeline.methods import Encoders
 
 EMPTY = "image_id BIGINT, embedding FLOAT[]"
 
@@ -59,6 +56,8 @@ class EmbedStage(Stage):
                 "methods": list(config.score.methods)}
 
     def check(self, config: Config) -> None:
+        from pipeline.models.factory import check_model_config
+
         check_model_config(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
@@ -67,6 +66,8 @@ class EmbedStage(Stage):
     def models(self, ctx: StageContext) -> tuple[torch.nn.Module | None, dict[str, Encoders]]:
         """(the shared Gram encoder or None, {method: Encoders}) for the configured methods,
         built once per process and fingerprint."""
+        from pipeline.device import resolve_device
+
         key = (ctx.fingerprint, ctx.config.run.device)
         if self._models is None or self._models[0] != key:
             config, device = ctx.config, resolve_device(ctx.config.run.device)
@@ -77,6 +78,12 @@ class EmbedStage(Stage):
         return self._models[1]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        import pyarrow.parquet as pq
+
+        from pipeline.artifacts import describe, write_parquet
+        from pipeline.data.loader import ImageItem, encode_items
+        from pipeline.device import resolve_device
+
         cfg = ctx.config.embed
         gram_encoder, encoders = self.models(ctx)
         device = resolve_device(ctx.config.run.device)
@@ -112,6 +119,11 @@ class EmbedStage(Stage):
 
     @staticmethod
     def _table(ids: list[int], x: np.ndarray | None, dtype: str) -> pa.Table:
+        import numpy as np
+        import pyarrow as pa
+
+        from pipeline.arrays import vectors_to_arrow
+
         x = x if x is not None else np.zeros((0, 1), np.float32)
         return pa.table({"image_id": pa.array(ids, pa.int64()),
                          "embedding": vectors_to_arrow(x, dtype)})

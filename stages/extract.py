@@ -9,23 +9,26 @@ Writes `gram_queries.parquet` (query_id, gram) and `gram_gallery.parquet` (image
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import torch
+from typing import TYPE_CHECKING
 
-from pipeline.arrays import vectors_to_arrow
-from pipeline.artifacts import describe, write_parquet
 from pipeline.config import Config
-from pipeline.data.loader import ImageItem, encode_items
-from pipeline.device import resolve_device
-from pipeline.models.style import build_gram_encoder, check_vgg_weights
 from pipeline.records import FailureRecord, UnitRow, ViewSpec
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
 
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from pipeline.data.loader import ImageItem
+
 
 def _items(ctx: StageContext, key: str) -> list[ImageItem]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.data.loader import ImageItem
+
     queries = pq.read_table(ctx.input_path("prepare", "queries", key),
                             columns=["query_id", "path"])
     queries = queries.filter(pc.is_valid(queries["path"]))
@@ -43,6 +46,11 @@ def _items(ctx: StageContext, key: str) -> list[ImageItem]:
 
 
 def _table(id_name: str, ids: list[int], vectors: list[np.ndarray], dim: int) -> pa.Table:
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.arrays import vectors_to_arrow
+
     x = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
     return pa.table({id_name: pa.array(ids, pa.int64()), "gram": vectors_to_arrow(x)})
 
@@ -66,6 +74,8 @@ class ExtractStage(Stage):
         return None
 
     def check(self, config: Config) -> None:
+        from pipeline.models.style import check_vgg_weights
+
         check_vgg_weights(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
@@ -73,6 +83,9 @@ class ExtractStage(Stage):
 
     def encoder(self, config: Config) -> torch.nn.Module:
         """The Gram encoder for this config, built once per process."""
+        from pipeline.device import resolve_device
+        from pipeline.models.style import build_gram_encoder
+
         key = (config.extract, config.run.seed, config.run.device)
         if self._encoder is None or self._encoder[0] != key:
             device = resolve_device(config.run.device)
@@ -80,6 +93,9 @@ class ExtractStage(Stage):
         return self._encoder[1]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        from pipeline.artifacts import describe, write_parquet
+        from pipeline.data.loader import encode_items
+
         cfg = ctx.config.extract
         encoder = self.encoder(ctx.config)
         device = next(encoder.parameters()).device

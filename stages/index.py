@@ -14,23 +14,23 @@ records the index's recall against exact search as metrics.
 from __future__ import annotations
 
 import json
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from pipeline import methods
-from pipeline.artifacts import atomic_path, describe, write_parquet
 from pipeline.config import Config, ConfigError, fingerprint_fields
-from pipeline.device import resolve_device
-from pipeline.index import parse_factory, plan_index
-from pipeline.index_build import Shard, VectorStore, build_index, check_recall, shard_dim
-from pipeline.models.clip import embed_dim
 from pipeline.records import MetricRecord, UnitRow, ViewSpec
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipeline.index_build import Shard
 
 
 def embed_shards(ctx: StageContext, method: str) -> list[Shard]:
     """The embed stage's shards of one method, in shard order."""
+    from pipeline.index_build import Shard
+
     kind = methods.get(method).kind
     rows = ctx.input_rows("embed", kind)
     if not rows:
@@ -55,6 +55,9 @@ class IndexStage(Stage):
     def check(self, config: Config) -> None:
         """A factory string FAISS cannot parse for the model's embedding size fails now, not
         after embedding; one with more lists than the gallery has vectors fails at index."""
+        from pipeline.index import parse_factory
+        from pipeline.models.clip import embed_dim
+
         d = embed_dim(config.model.arch)
         if config.index.factory != "auto" and d is not None:
             try:
@@ -67,6 +70,11 @@ class IndexStage(Stage):
         return [PlannedUnit(m.name, {"kind": m.kind}) for m in methods.configured(ctx.config)]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        from pipeline.artifacts import atomic_path, describe, write_parquet
+        from pipeline.device import resolve_device
+        from pipeline.index import plan_index
+        from pipeline.index_build import VectorStore, build_index, check_recall, shard_dim
+
         cfg, seed = ctx.config.index, ctx.config.run.seed
         shards = embed_shards(ctx, unit.key)
         n, d = sum(s.rows for s in shards), shard_dim(shards[0])
@@ -121,6 +129,8 @@ class IndexStage(Stage):
 
 
 def _recall_table(method: str, factory: str, recall: list) -> pa.Table:
+    import pyarrow as pa
+
     return pa.table({
         "method": pa.array([method] * len(recall), pa.string()),
         "factory": pa.array([factory] * len(recall), pa.string()),

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.artifacts import describe, write_parquet
 from pipeline.config import Config, fingerprint_fields
-from pipeline.data.sources import list_source, source_stamp
 from pipeline.records import UnitRow
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult
 
@@ -21,6 +19,8 @@ class IngestStage(Stage):
     section = "data"
 
     def config_values(self, config: Config) -> dict[str, Any]:
+        from pipeline.data.sources import source_stamp
+
         # The listing files' size and mtime join the fingerprint: an edited train.json or
         # manifest (or a class folder gaining photos) re-lists the dataset.
         return {**fingerprint_fields(config.data, config.resolve),
@@ -30,6 +30,9 @@ class IngestStage(Stage):
         return [PlannedUnit("listing", {})]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        from pipeline.artifacts import describe, write_parquet
+        from pipeline.data.sources import list_source
+
         gallery, queries = list_source(ctx.config)
         out = ctx.out_dir / unit.key
         return UnitResult(

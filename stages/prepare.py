@@ -12,29 +12,42 @@ target). Writes per shard `gallery.parquet` and `queries.parquet`: the `gallery`
 from __future__ import annotations
 
 import os
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
-
-from pipeline.arrays import stable_id
-from pipeline.artifacts import describe, write_parquet
-from pipeline.data.images import BadInput, check_caption, load_rgb, read_caption
-from pipeline.data.synth import STYLE_TRANSFORMS, render_photo
 from pipeline.records import FailureRecord, UnitRow, ViewSpec
 from pipeline.stage import PlannedUnit, Stage, StageContext, UnitResult, shard_key
 
-GALLERY = pa.schema([
-    ("image_id", pa.int64()), ("key", pa.string()), ("path", pa.string()),
-    ("split", pa.string()), ("class_label", pa.string()), ("caption", pa.string()),
-    ("shard", pa.int32()),
-])
-QUERIES = pa.schema([
-    ("query_id", pa.int64()), ("image_id", pa.int64()), ("style", pa.string()),
-    ("split", pa.string()), ("class_label", pa.string()), ("path", pa.string()),
-    ("text", pa.string()), ("shard", pa.int32()),
-])
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from PIL import Image
+
+
+@cache
+def gallery_schema() -> pa.Schema:
+    """Schema of `gallery.parquet`."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image_id", pa.int64()), ("key", pa.string()), ("path", pa.string()),
+        ("split", pa.string()), ("class_label", pa.string()), ("caption", pa.string()),
+        ("shard", pa.int32()),
+    ])
+
+
+@cache
+def queries_schema() -> pa.Schema:
+    """Schema of `queries.parquet`."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("query_id", pa.int64()), ("image_id", pa.int64()), ("style", pa.string()),
+        ("split", pa.string()), ("class_label", pa.string()), ("path", pa.string()),
+        ("text", pa.string()), ("shard", pa.int32()),
+    ])
+
+
 # Real photos are scaled to this shorter side before sketch/art/low-res versions are drawn
 # from them: enough for the 224 px encoders, and bounded work per photo.
 GENERATED_SHORT_SIDE = 256
@@ -51,6 +64,8 @@ def save_png(image: Image.Image, path: Path) -> str:
 
 def check_file(path: str) -> None:
     """Raise BadInput for a missing or empty file (decoding is checked where it is decoded)."""
+    from pipeline.data.images import BadInput
+
     try:
         size = os.path.getsize(path)
     except OSError as exc:
@@ -60,6 +75,8 @@ def check_file(path: str) -> None:
 
 
 def _scaled(photo: Image.Image) -> Image.Image:
+    from PIL import Image
+
     short = min(photo.size)
     if short <= GENERATED_SHORT_SIDE:
         return photo
@@ -82,11 +99,19 @@ class PrepareStage(Stage):
     )
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
+        import pyarrow.parquet as pq
+
         listing = pq.read_table(ctx.input_path("ingest", "gallery_listing"), columns=["shard"])
         shards = sorted(set(listing["shard"].to_pylist()))
         return [PlannedUnit(shard_key(s), {"shard": s}) for s in shards]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pipeline.artifacts import describe, write_parquet
+        from pipeline.data.images import BadInput
+
         shard = unit.params["shard"]
         where = [("shard", "=", shard)]
         photos = pq.read_table(ctx.input_path("ingest", "gallery_listing"), filters=where)
@@ -115,8 +140,8 @@ class PrepareStage(Stage):
                                                       exc.reason))
                 advance(1)
 
-        gallery_table = pa.Table.from_pylist(gallery_rows, schema=GALLERY)
-        query_table = pa.Table.from_pylist(query_rows, schema=QUERIES)
+        gallery_table = pa.Table.from_pylist(gallery_rows, schema=gallery_schema())
+        query_table = pa.Table.from_pylist(query_rows, schema=queries_schema())
         return UnitResult(
             rows=len(gallery_rows) + len(query_rows),
             good={"gallery": len(gallery_rows), "query": len(query_rows)},
@@ -132,6 +157,9 @@ class PrepareStage(Stage):
     def _photo(self, ctx: StageContext, photo: dict, out: Path) -> tuple[Image.Image | None,
                                                                          dict]:
         """(decoded photo when queries are drawn from it, gallery row)."""
+        from pipeline.data.images import load_rgb
+        from pipeline.data.synth import render_photo
+
         data = ctx.config.data
         row = {k: photo[k] for k in ("image_id", "key", "split", "class_label", "shard")}
         row["caption"] = None
@@ -149,6 +177,10 @@ class PrepareStage(Stage):
 
     def _query(self, ctx: StageContext, query: dict, photo_row: dict,
                image: Image.Image | None, out: Path) -> dict:
+        from pipeline.arrays import stable_id
+        from pipeline.data.images import check_caption, read_caption
+        from pipeline.data.synth import STYLE_TRANSFORMS
+
         row = {k: query[k] for k in ("query_id", "image_id", "style", "split", "shard")}
         row.update(class_label=photo_row["class_label"], path=None, text=None)
         if query["generate"] and query["style"] != "text":

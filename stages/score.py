@@ -28,26 +28,18 @@ are known) that the `retrieval_metrics` view and the end of `fsr-pipe run all` s
 from __future__ import annotations
 
 import time
-from typing import Any
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from pipeline import methods
-from pipeline.arrays import vectors_to_arrow
-from pipeline.artifacts import describe, write_parquet
 from pipeline.config import Config, ConfigError, fingerprint_fields
-from pipeline.data.loader import ImageItem, encode_items
-from pipeline.device import autocast, resolve_device
-from pipeline.evaluation import METRICS, RANKS, RESULTS, query_sets, schema, score_set
-from pipeline.index import load_index, maybe_to_gpu
-from pipeline.index_build import VectorStore
-from pipeline.models.factory import check_model_config
-from pipeline.records import FailureRecord, MetricRecord, UnitRow, ViewSpec
+from pipeline.records import METRICS, RANKS, RESULTS, FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
 
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.index_build import VectorStore
 
 class ScoreStage(Stage):
     name = "score"
@@ -65,6 +57,8 @@ class ScoreStage(Stage):
         return fingerprint_fields(config.score, config.resolve)
 
     def check(self, config: Config) -> None:
+        from pipeline.models.factory import check_model_config
+
         check_model_config(config)
         if config.data.test_fraction == 0 and config.data.source in ("demo", "folder"):
             raise ConfigError(
@@ -76,6 +70,17 @@ class ScoreStage(Stage):
         return [PlannedUnit(m.name, {}) for m in methods.configured(ctx.config)]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from pipeline.arrays import vectors_to_arrow
+        from pipeline.artifacts import describe, write_parquet
+        from pipeline.device import resolve_device
+        from pipeline.evaluation import query_sets, schema, score_set
+        from pipeline.index import load_index, maybe_to_gpu
+        from pipeline.index_build import VectorStore
+
         cfg, method = ctx.config.score, unit.key
         index_dir = ctx.input_path("index", "index", unit.key)
         store = VectorStore.open(ctx.input_path("index", "vectors", unit.key))
@@ -140,11 +145,18 @@ class ScoreStage(Stage):
 
 
 def _concat(paths: list[str], columns: list[str] | None = None) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
 
 
 def _test_queries(ctx: StageContext, store: VectorStore) -> tuple[pa.Table, Any]:
     """Test-split queries whose photo is in the index, sorted by id; gallery labels or None."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     queries = _concat(ctx.input_paths("prepare", "queries"),
                       ["query_id", "image_id", "style", "split", "class_label", "path", "text"])
     queries = queries.filter(pc.equal(queries["split"], "test"))
@@ -163,6 +175,9 @@ def _encode_queries(ctx: StageContext, method: str,
                     queries: pa.Table) -> tuple[dict[int, np.ndarray], list[FailureRecord]]:
     """query_id -> L2-normalised embedding; bad query images become failures."""
     import torch
+
+    from pipeline.data.loader import ImageItem, encode_items
+    from pipeline.device import autocast, resolve_device
 
     cfg = ctx.config.score
     device = resolve_device(ctx.config.run.device)

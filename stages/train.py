@@ -19,42 +19,33 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import asdict
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline import methods
-from pipeline.arrays import arrow_to_vectors, stable_uniform
-from pipeline.artifacts import atomic_path, describe, write_parquet
 from pipeline.config import Config, fingerprint_fields, to_dict
-from pipeline.device import grad_scaler, resolve_device
-from pipeline.models.factory import check_model_config
 from pipeline.records import FailureRecord, MetricRecord, UnitRow, ViewSpec
 from pipeline.stage import PipelineError, PlannedUnit, Stage, StageContext, UnitResult
-from pipeline.training import (
-    Fit,
-    History,
-    Query,
-    TripletData,
-    checkpoint_paths,
-    fit,
-    seeded_rng,
-    train_epoch,
-    triplet_batches,
-    validate,
-    validation_gallery,
-)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipeline.training import History, Query
 
 
 def _concat(paths: list[str], columns: list[str] | None = None) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
 
 
 def load_training_data(ctx: StageContext) -> tuple[list[Query], dict[int, str], dict[int, Any]]:
     """Training-split queries, photos (id -> path) and Gram vectors (id -> vector)."""
+    import pyarrow.compute as pc
+
+    from pipeline.arrays import arrow_to_vectors
+    from pipeline.training import Query
+
     queries = _concat(ctx.input_paths("prepare", "queries"))
     gallery = _concat(ctx.input_paths("prepare", "gallery"), ["image_id", "path", "split"])
     grams: dict[int, Any] = {}
@@ -95,16 +86,36 @@ class TrainStage(Stage):
         return None
 
     def check(self, config: Config) -> None:
+        from pipeline.models.factory import check_model_config
+
         check_model_config(config)
 
     def plan(self, ctx: StageContext) -> list[PlannedUnit]:
         return [PlannedUnit(m.name, {}) for m in methods.trained(ctx.config)]
 
     def run(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        from pipeline.device import resolve_device
+        from pipeline.training import seeded_rng
+
         with seeded_rng(ctx.config.run.seed, resolve_device(ctx.config.run.device)):
             return self._train(ctx, unit)
 
     def _train(self, ctx: StageContext, unit: UnitRow) -> UnitResult:
+        import pyarrow.parquet as pq
+        import torch
+
+        from pipeline.arrays import arrow_to_vectors, stable_uniform
+        from pipeline.device import grad_scaler, resolve_device
+        from pipeline.training import (
+            Fit,
+            TripletData,
+            fit,
+            train_epoch,
+            triplet_batches,
+            validate,
+            validation_gallery,
+        )
+
         cfg, seed = ctx.config.train, ctx.config.run.seed
         device = resolve_device(ctx.config.run.device)
         queries, photos, grams = load_training_data(ctx)
@@ -162,6 +173,11 @@ class TrainStage(Stage):
 
     def _result(self, out, method: str, model, history: History, trainable: int, frozen: int,
                 sizes: dict[str, int], used: dict[str, int]) -> UnitResult:
+        import pyarrow as pa
+
+        from pipeline.artifacts import atomic_path, describe, write_parquet
+        from pipeline.training import checkpoint_paths
+
         best_weights, best_sidecar = checkpoint_paths(out, history.best_epoch)
         model_path = out / "model.pt"
         with atomic_path(model_path) as tmp:

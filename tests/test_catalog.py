@@ -34,8 +34,9 @@ META = {"code_version": "1", "config": {}, "inputs": {}}
 
 
 def test_stage_summary_is_in_pipeline_order(tmp_path):
-    from pipeline.commands import STAGE_NAMES
+    from stages import all_stages
 
+    STAGE_NAMES = [s.name for s in all_stages()]  # noqa: N806
     catalog = Catalog(tmp_path / "c.duckdb")
     catalog.init()
     # Planned last first, and one planned without a position (an older fsr-pipe's plan).

@@ -64,7 +64,7 @@ def inline_and_pool(tmp_path: Path, inline_targets: list[str]):  # noqa: ANN201
     for name in ("ref", "pool"):
         (tmp_path / name).mkdir()
     inline = load_config(write_tiny_config(tmp_path / "ref", tmp_path / "ref" / "run"))
-    commands.run(inline, inline_targets, progress=False)
+    commands.run(all_stages, inline, inline_targets, progress=False)
     pool = load_config(write_tiny_config(tmp_path / "pool", tmp_path / "pool" / "run"),
                        ['run.executor="local"', "run.workers=2"])
     return inline, pool
@@ -72,7 +72,7 @@ def inline_and_pool(tmp_path: Path, inline_targets: list[str]):  # noqa: ANN201
 
 def test_local_executor_gives_the_inline_results(tmp_path):
     inline, pool = inline_and_pool(tmp_path, ["all"])
-    reports = commands.run(pool, ["all"], progress=False)
+    reports = commands.run(all_stages, pool, ["all"], progress=False)
     assert sum(r.ran for r in reports) == sum(r.units for r in reports)
     assert_same_results(pool.work_dir, inline.work_dir)
     assert not list(pool.work_dir.rglob("_leases/*.json")), "leases left behind"
@@ -94,14 +94,14 @@ def _kill_first_worker(lease_dir_of, done: threading.Event) -> None:  # noqa: AN
 
 def test_a_killed_local_worker_is_retried(tmp_path):
     inline, config = inline_and_pool(tmp_path, ["extract"])
-    commands.run(config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
     extract_dir = out_dir(config, "extract")
     done = threading.Event()
     killer = threading.Thread(target=_kill_first_worker, args=(lambda: extract_dir, done))
     killer.start()
     try:
         with ProgressBoard(False) as board:
-            runner = Runner(config, all_stages(), board,
+            runner = Runner(config, all_stages, board,
                             executor=LocalExecutor(2, config.run.device))
             reports = runner.run(["extract"])
     finally:
@@ -121,7 +121,7 @@ def test_an_application_error_stops_the_run_without_retries(tmp_path):
     config = load_config(write_tiny_config(tmp_path, tmp_path / "run"),
                          ['run.executor="local"', "run.workers=1", "cluster.k=500"])
     with pytest.raises(PipelineError, match=r"stage cluster: unit all failed on .*cluster\.k"):
-        commands.run(config, ["cluster"], progress=False)
+        commands.run(all_stages, config, ["cluster"], progress=False)
     rows = Catalog.in_dir(config.work_dir).rows(
         "SELECT status, attempts, error FROM units WHERE stage = 'cluster'")
     assert len(rows) == 1 and rows[0][:2] == ("failed", 1) and "cluster.k" in rows[0][2]
@@ -163,31 +163,31 @@ def _remote_lease(path: Path, heartbeat: float) -> None:
 
 def test_a_dead_remote_unit_is_lost_after_its_lease_and_redone(tmp_path):
     config = load_config(write_tiny_config(tmp_path, tmp_path / "run"), ["run.lease_s=60"])
-    commands.run(config, ["prepare"], progress=False)
-    commands.run(config, ["extract"], plan_only=True, progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["extract"], plan_only=True, progress=False)
     lease = out_dir(config, "extract") / "_leases" / "shard-00002.json"
     _remote_lease(lease, time.time())  # node-b runs shard 2 and heartbeats
-    extract = {s.stage: s for s in commands.status(config)}["extract"]
+    extract = {s.stage: s for s in commands.status(all_stages, config)}["extract"]
     assert (extract.running, extract.lost, extract.pending) == (1, 0, 3)
     assert extract.running_on[0].startswith("shard-00002 on node-b pid 1 since")
     with pytest.raises(PipelineError, match=r"1 unit\(s\) are being run by other processes: "
                                             r"shard-00002 \(node-b:1\)"):
-        commands.run(config, ["extract"], progress=False)
+        commands.run(all_stages, config, ["extract"], progress=False)
     assert not (out_dir(config, "extract") / "shard-00002").exists()  # left alone
     _remote_lease(lease, time.time() - 61)  # node-b went silent a lease ago
-    extract = {s.stage: s for s in commands.status(config)}["extract"]
+    extract = {s.stage: s for s in commands.status(all_stages, config)}["extract"]
     assert (extract.running, extract.lost, extract.done) == (0, 1, 3)
     assert "1 unit(s) lost" in extract.notes
-    reports = commands.run(config, ["extract"], progress=False)
+    reports = commands.run(all_stages, config, ["extract"], progress=False)
     assert {r.stage: r.ran for r in reports}["extract"] == 1
     assert not lease.exists()
 
 
 def test_records_that_do_not_match_their_files_do_not_count(tmp_path, caplog):
     config = load_config(write_tiny_config(tmp_path, tmp_path / "run"))
-    commands.run(config, ["prepare"], progress=False)
-    commands.run(config, ["extract"], plan_only=True, progress=False)
-    records = commands.work(config, "extract", progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["extract"], plan_only=True, progress=False)
+    records = commands.work(all_stages, config, "extract", progress=False)
     assert len(records) == 4
     folder = out_dir(config, "extract")
     (folder / "shard-00000" / "gram_queries.parquet").unlink()  # a file gone
@@ -195,23 +195,24 @@ def test_records_that_do_not_match_their_files_do_not_count(tmp_path, caplog):
         handle.write(b"junk")  # a file changed
     record = folder / "_records" / "shard-00002.json"  # another plan's record
     record.write_text(record.read_text().replace(folder.name, "0" * 16))
-    extract = {s.stage: s for s in commands.status(config)}["extract"]
+    extract = {s.stage: s for s in commands.status(all_stages, config)}["extract"]
     assert (extract.ingested, extract.done, extract.pending) == (1, 1, 3)
     assert "is missing" in caplog.text and "the record says" in caplog.text
-    reports = commands.run(config, ["extract"], progress=False)
+    reports = commands.run(all_stages, config, ["extract"], progress=False)
     assert {r.stage: r.ran for r in reports}["extract"] == 3
     assert {r.unit_key for r in read_records(folder)} == {f"shard-0000{i}" for i in range(4)}
 
 
 def test_a_worker_never_runs_a_unit_another_live_worker_holds(tmp_path):
     config = load_config(write_tiny_config(tmp_path, tmp_path / "run"))
-    commands.run(config, ["prepare"], progress=False)
-    commands.run(config, ["extract"], plan_only=True, progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["extract"], plan_only=True, progress=False)
     folder = out_dir(config, "extract")
     lease = folder / "_leases" / "shard-00001.json"
     _remote_lease(lease, time.time())
     plan = folder / "_plan.json"
-    job = Job.of(config, plan, "shard-00001", {}, "extract", folder.name)
+    job = Job.of(config, plan, "shard-00001", {}, "extract", folder.name,
+                 "stages:all_stages")
     with pytest.raises(PipelineError, match="being run by node-b .*not running it twice"):
         run_job(job)
     assert lease.exists() and not (folder / "_records" / "shard-00001.json").exists()
@@ -231,8 +232,8 @@ def test_a_signal_between_the_units_work_and_its_record_leaves_a_failed_record(
     import pipeline.worker
 
     config = load_config(write_tiny_config(tmp_path, tmp_path / "run"))
-    commands.run(config, ["prepare"], progress=False)
-    commands.run(config, ["extract"], plan_only=True, progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["extract"], plan_only=True, progress=False)
     folder = out_dir(config, "extract")
 
     def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -242,7 +243,8 @@ def test_a_signal_between_the_units_work_and_its_record_leaves_a_failed_record(
         monkeypatch.setattr(pipeline.leases.threading.Thread, "start", interrupted)
     else:
         monkeypatch.setattr(pipeline.worker, "relative_artifacts", interrupted)
-    job = Job.of(config, folder / "_plan.json", "shard-00001", {}, "extract", folder.name)
+    job = Job.of(config, folder / "_plan.json", "shard-00001", {}, "extract", folder.name,
+                 "stages:all_stages")
     with pytest.raises(KeyboardInterrupt):
         run_job(job)
     [record] = read_records(folder)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,10 +32,10 @@ def ran(reports) -> dict[str, int]:
 
 def test_run_all_then_nothing_to_do(tiny_config):
     config = load_config(tiny_config)
-    first = commands.run(config, ["cluster"], progress=False)
+    first = commands.run(all_stages, config, ["cluster"], progress=False)
     assert [r.stage for r in first] == STAGES
     assert ran(first) == {"ingest": 1, "prepare": 4, "extract": 4, "cluster": 1}
-    second = commands.run(config, ["cluster"], progress=False)
+    second = commands.run(all_stages, config, ["cluster"], progress=False)
     assert ran(second) == dict.fromkeys(STAGES, 0)
     assert {r.stage: r.skipped for r in second} == {"ingest": 1, "prepare": 4, "extract": 4,
                                                     "cluster": 1}
@@ -51,22 +52,24 @@ def test_run_all_then_nothing_to_do(tiny_config):
 
 def test_config_change_reruns_only_what_it_affects(tiny_config):
     config = load_config(tiny_config)
-    commands.run(config, ["cluster"], progress=False)
+    commands.run(all_stages, config, ["cluster"], progress=False)
     k3 = load_config(tiny_config, ["cluster.k=3"])
-    assert ran(commands.run(k3, ["cluster"], progress=False)) == {
+    assert ran(commands.run(all_stages, k3, ["cluster"], progress=False)) == {
         "ingest": 0, "prepare": 0, "extract": 0, "cluster": 1}
     gram = load_config(tiny_config, ["cluster.k=3", "extract.gram_dim=16"])
-    assert ran(commands.run(gram, ["cluster"], progress=False)) == {
+    assert ran(commands.run(all_stages, gram, ["cluster"], progress=False)) == {
         "ingest": 0, "prepare": 0, "extract": 4, "cluster": 1}
     # Run-only settings do not invalidate anything.
     batch = load_config(tiny_config, ["cluster.k=3", "extract.gram_dim=16",
                                       "extract.batch_size=3"])
-    assert ran(commands.run(batch, ["cluster"], progress=False)) == dict.fromkeys(STAGES, 0)
-    status = {s.stage: s for s in commands.status(batch)}
+    assert ran(commands.run(all_stages,
+                            batch, ["cluster"], progress=False)) == dict.fromkeys(STAGES, 0)
+    status = {s.stage: s for s in commands.status(all_stages, batch)}
     assert status["extract"].done == 4 and status["extract"].stale == 4
     assert status["cluster"].stale == 2
     # Going back to an earlier config finds its finished units again.
-    assert ran(commands.run(config, ["cluster"], progress=False)) == dict.fromkeys(STAGES, 0)
+    assert ran(commands.run(all_stages,
+                            config, ["cluster"], progress=False)) == dict.fromkeys(STAGES, 0)
     catalog = Catalog.in_dir(config.work_dir)
     assert catalog.rows("SELECT count(*) FROM style_centres") == [(4,)]
 
@@ -74,11 +77,12 @@ def test_config_change_reruns_only_what_it_affects(tiny_config):
 def test_sql_shows_the_plans_of_the_config_it_is_given(tiny_config):
     config = load_config(tiny_config)
     k3 = load_config(tiny_config, ["cluster.k=3"])
-    commands.run(config, ["cluster"], progress=False)
-    commands.run(k3, ["cluster"], progress=False)  # the last run: the stored views follow it
+    commands.run(all_stages, config, ["cluster"], progress=False)
+    commands.run(all_stages,
+                 k3, ["cluster"], progress=False)  # the last run: the stored views follow it
 
     def one(cfg, query):
-        return commands.sql(cfg, query).to_pylist()
+        return commands.sql(all_stages, cfg, query).to_pylist()
 
     centres = "SELECT count(*) AS n FROM style_centres"
     assert one(config, centres) == [{"n": 4}] and one(k3, centres) == [{"n": 3}]
@@ -99,9 +103,9 @@ def test_sql_shows_the_plans_of_the_config_it_is_given(tiny_config):
 
 def test_outputs_never_overwrite_other_fingerprints(tiny_config):
     config = load_config(tiny_config)
-    commands.run(config, ["cluster"], progress=False)
+    commands.run(all_stages, config, ["cluster"], progress=False)
     other = load_config(tiny_config, ["cluster.k=3"])
-    commands.run(other, ["cluster"], progress=False)
+    commands.run(all_stages, other, ["cluster"], progress=False)
     dirs = sorted(p.name for p in (config.work_dir / "cluster").iterdir())
     assert len(dirs) == 2
 
@@ -109,20 +113,21 @@ def test_outputs_never_overwrite_other_fingerprints(tiny_config):
 def test_stage_needs_its_inputs(tiny_config):
     config = load_config(tiny_config)
     with pytest.raises(commands.PipelineError, match="run `fsr-pipe run prepare` first"):
-        commands.run(config, ["extract"], plan_only=True, progress=False)
+        commands.run(all_stages, config, ["extract"], plan_only=True, progress=False)
     # A worker runs from the plan file the driver writes; without it, it says what to run.
     with pytest.raises(commands.PipelineError, match="run `fsr-pipe plan extract` once"):
-        commands.work(config, "extract", shard=2, progress=False)
-    commands.run(config, ["prepare"], progress=False)
-    commands.run(config, ["extract"], plan_only=True, progress=False)
-    records = commands.work(config, "extract", shard=2, progress=False)
+        commands.work(all_stages, config, "extract", shard=2, progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["extract"], plan_only=True, progress=False)
+    records = commands.work(all_stages, config, "extract", shard=2, progress=False)
     assert [(r.unit_key, r.status) for r in records] == [("shard-00002", "done")]
-    assert commands.work(config, "extract", shard=2, progress=False) == []  # done: skipped
+    assert commands.work(all_stages,
+                         config, "extract", shard=2, progress=False) == []  # done: skipped
     with pytest.raises(commands.PipelineError, match="has no unit shard-00099"):
-        commands.work(config, "extract", shard=99, progress=False)
-    extract = {s.stage: s for s in commands.status(config)}["extract"]
+        commands.work(all_stages, config, "extract", shard=99, progress=False)
+    extract = {s.stage: s for s in commands.status(all_stages, config)}["extract"]
     assert (extract.ingested, extract.done, extract.pending) == (1, 1, 3)
-    reports = commands.run(config, ["extract"], progress=False)
+    reports = commands.run(all_stages, config, ["extract"], progress=False)
     assert ran(reports) == {"ingest": 0, "prepare": 0, "extract": 3}
 
 
@@ -130,7 +135,7 @@ def test_gram_vectors_are_normalised_and_styles_cluster(tmp_path):
     from conftest import write_tiny_config
 
     config = load_config(write_tiny_config(tmp_path, tmp_path / "run", items=32))
-    commands.run(config, ["cluster"], progress=False)
+    commands.run(all_stages, config, ["cluster"], progress=False)
     catalog = Catalog.in_dir(config.work_dir)
     x = arrow_to_vectors(catalog.query("SELECT gram FROM gram_features")["gram"])
     assert x.shape == (96, 32)
@@ -220,7 +225,7 @@ def test_cli_shards_reset_and_csv(tiny_config):
     # Without a terminal to ask on, reset refuses to delete unless told to.
     result = cli.invoke(app, ["reset", "prepare", *args])
     assert result.exit_code == 2 and "--yes" in result.output, result.output
-    assert commands.status(load_config(tiny_config))[1].done == 4
+    assert commands.status(all_stages, load_config(tiny_config))[1].done == 4
     # CSV: nested values as JSON text; --max-rows applies to CSV too (all rows by default).
     query = "SELECT i, [i, i + 1] AS pair, {'a': i} AS s FROM range(3) t(i) ORDER BY i"
     result = cli.invoke(app, ["sql", query, "--csv", *args])
@@ -239,8 +244,8 @@ def test_cli_shards_reset_and_csv(tiny_config):
 
 def test_reset_refuses_while_a_live_process_runs_a_unit(tiny_config):
     config = load_config(tiny_config)
-    commands.run(config, ["prepare"], progress=False)
-    fp = commands.status(config)[1].fingerprint
+    commands.run(all_stages, config, ["prepare"], progress=False)
+    fp = commands.status(all_stages, config)[1].fingerprint
     out_dir = config.work_dir / "prepare" / fp
 
     def lease(pid: int) -> None:
@@ -252,12 +257,12 @@ def test_reset_refuses_while_a_live_process_runs_a_unit(tiny_config):
     lease(os.getpid())  # alive: this test's process
     with pytest.raises(commands.PipelineError, match=r"cannot reset ingest: 1 unit\(s\) are "
                        r"being run by live workers: prepare shard-00001"):
-        commands.reset(config, "ingest")
+        commands.reset(all_stages, config, "ingest")
     assert (config.work_dir / "prepare").is_dir()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     lease(gone.pid)  # a dead process's lease does not block
-    assert commands.reset(config, "ingest") == ["ingest", *STAGES[1:], "train", "embed",
+    assert commands.reset(all_stages, config, "ingest") == ["ingest", *STAGES[1:], "train", "embed",
                                                 "index", "score"]
     assert not (config.work_dir / "prepare").exists()
 
@@ -266,7 +271,7 @@ def test_artifacts_match_their_catalog_records(tiny_config):
     from pipeline.artifacts import sha256_file
 
     config = load_config(tiny_config)
-    commands.run(config, ["cluster"], progress=False)
+    commands.run(all_stages, config, ["cluster"], progress=False)
     for path, rows, sha in Catalog.in_dir(config.work_dir).rows(
             "SELECT path, rows, sha256 FROM artifacts"):
         assert sha256_file(path) == sha
@@ -275,12 +280,17 @@ def test_artifacts_match_their_catalog_records(tiny_config):
 
 def test_cli_without_faiss_names_the_extras(tmp_path):
     """A `pip install -e .` without the cpu or gpu extra: one line saying which to install."""
-    stub = tmp_path / "faiss"  # shadows the installed faiss, as if no extra was installed
-    stub.mkdir()
-    (stub / "__init__.py").write_text(
-        "raise ModuleNotFoundError(\"No module named 'faiss'\", name='faiss')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "status"], env=env,
+    import site
+
+    # The venv's packages without faiss, as if no extra was installed (python -S: no site).
+    packages = tmp_path / "site-packages"
+    packages.mkdir()
+    for folder in site.getsitepackages():
+        for entry in Path(folder).iterdir():
+            if not entry.name.startswith("faiss") and not (packages / entry.name).exists():
+                (packages / entry.name).symlink_to(entry)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(packages), str(REPO_ROOT)])}
+    done = subprocess.run([sys.executable, "-S", "-m", "pipeline.cli", "status"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines() == [
@@ -295,7 +305,7 @@ def test_stored_views_keep_the_units_done_before_a_failure(tiny_config, monkeypa
     from stages.extract import ExtractStage
 
     config = load_config(tiny_config)
-    commands.run(config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
     original, calls = ExtractStage.run, []
 
     def fail_second(self, ctx, unit):
@@ -306,7 +316,7 @@ def test_stored_views_keep_the_units_done_before_a_failure(tiny_config, monkeypa
 
     monkeypatch.setattr(ExtractStage, "run", fail_second)
     with pytest.raises(RuntimeError, match="disk full"):
-        commands.run(config, ["extract"], progress=False)
+        commands.run(all_stages, config, ["extract"], progress=False)
     catalog = Catalog.in_dir(config.work_dir)
     done = catalog.rows("SELECT unit_key, rows FROM units WHERE stage = 'extract' AND "
                         "status = 'done'")

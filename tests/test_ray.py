@@ -124,9 +124,10 @@ def test_ray_run_all_equals_inline(tmp_path, ray_cluster):
     (tmp_path / "inline").mkdir()
     (tmp_path / "ray").mkdir()
     inline = write_tiny_config(tmp_path / "inline", tmp_path / "inline" / "run")
-    commands.run(load_config(inline), ["all"], progress=False)
+    commands.run(all_stages, load_config(inline), ["all"], progress=False)
     on_ray = write_tiny_config(tmp_path / "ray", tmp_path / "ray" / "run")
-    reports = in_thread(lambda: commands.run(load_config(on_ray, RAY), ["all"], progress=False))
+    reports = in_thread(lambda: commands.run(all_stages,
+                                             load_config(on_ray, RAY), ["all"], progress=False))
     assert all(r.ran == r.units and not r.retried for r in reports), reports
     same_results(tmp_path / "inline" / "run", tmp_path / "ray" / "run")
     assert ray_cluster.is_initialized()  # the executor did not start it: it leaves it running
@@ -160,14 +161,15 @@ def test_a_killed_actor_unit_is_retried(tmp_path, ray_cluster):
     (tmp_path / "inline").mkdir()
     (tmp_path / "ray").mkdir()
     inline = write_tiny_config(tmp_path / "inline", tmp_path / "inline" / "run")
-    commands.run(load_config(inline), ["extract"], progress=False)
+    commands.run(all_stages, load_config(inline), ["extract"], progress=False)
     work = tmp_path / "ray" / "run"
     path = write_tiny_config(tmp_path / "ray", work)
-    commands.run(load_config(path), ["prepare"], progress=False)  # inline: no kill point there
+    commands.run(all_stages,
+                 load_config(path), ["prepare"], progress=False)  # inline: no kill point there
 
     config = load_config(path, RAY)
     executor = RayExecutor(config)
-    runner = Runner(config, all_stages(), ProgressBoard(False), executor=executor)
+    runner = Runner(config, all_stages, ProgressBoard(False), executor=executor)
     leases = work / "extract" / runner.fingerprints["extract"] / "_leases"
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=kill_first_actor_with_a_lease,

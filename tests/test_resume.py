@@ -13,6 +13,7 @@ from conftest import start_cli, wait_for, write_tiny_config
 from pipeline import commands
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
+from stages import all_stages
 
 
 def results(work_dir: Path) -> dict[str, pa.Table]:
@@ -47,7 +48,7 @@ def _has_ray() -> bool:
 def test_sigkill_then_resume_gives_identical_results(tmp_path, executor):
     (tmp_path / "ref").mkdir()
     reference = write_tiny_config(tmp_path / "ref", tmp_path / "ref" / "run", items=40)
-    commands.run(load_config(reference), ["all"], progress=False)
+    commands.run(all_stages, load_config(reference), ["all"], progress=False)
 
     (tmp_path / "killed").mkdir()
     config = write_tiny_config(tmp_path / "killed", tmp_path / "killed" / "run", items=40)
@@ -108,7 +109,7 @@ def test_a_stopped_run_says_so_and_status_shows_what_resumes(tmp_path, signum, s
     assert proc.returncode in (128 + signum, -signum), out
     statuses = dict(Catalog.in_dir(work).rows(
         "SELECT status, count(*) FROM units WHERE stage = 'extract' GROUP BY ALL"))
-    extract = {s.stage: s for s in commands.status(load_config(config_path))}["extract"]
+    extract = {s.stage: s for s in commands.status(all_stages, load_config(config_path))}["extract"]
     assert extract.running == 0
     assert extract.done + extract.pending + extract.lost + extract.failed == 10
     if said is None:  # SIGKILL: no last word; its lease names a dead process: lost
@@ -121,7 +122,7 @@ def test_a_stopped_run_says_so_and_status_shows_what_resumes(tmp_path, signum, s
     proc = start_cli(config_path, "run", "extract")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert commands.status(load_config(config_path))[2].done == 10
+    assert commands.status(all_stages, load_config(config_path))[2].done == 10
 
 
 def _hold_catalog(path: str, started, stop) -> None:  # noqa: ANN001 - mp events
@@ -140,8 +141,8 @@ def test_shard_workers_never_open_the_catalog(tmp_path):
 
     config_path = write_tiny_config(tmp_path, tmp_path / "run", items=16)
     config = load_config(config_path)
-    commands.run(config, ["prepare"], progress=False)
-    commands.run(config, ["extract"], plan_only=True, progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["extract"], plan_only=True, progress=False)
     ctx = mp.get_context("spawn")
     started, stop = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold_catalog,
@@ -156,9 +157,9 @@ def test_shard_workers_never_open_the_catalog(tmp_path):
     finally:
         stop.set()
         holder.join(60)
-    extract = {s.stage: s for s in commands.status(config)}["extract"]
+    extract = {s.stage: s for s in commands.status(all_stages, config)}["extract"]
     assert (extract.ingested, extract.done, extract.pending) == (4, 4, 0)
     catalog = Catalog.in_dir(config.work_dir)
-    reports = commands.run(config, ["cluster"], progress=False)
+    reports = commands.run(all_stages, config, ["cluster"], progress=False)
     assert {r.stage: r.ran for r in reports}["extract"] == 0
     assert catalog.rows("SELECT count(*) FROM gram_features") == [(48,)]

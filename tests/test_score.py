@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, write_tiny_config
 from pipeline import commands
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
+from stages import all_stages
 
 ITEMS = 24
 STYLES = {"text", "sketch", "art", "lowres"}
@@ -28,7 +29,7 @@ def finished(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("score")
     path = write_tiny_config(directory, directory / "run", items=ITEMS,
                              extra="\n[index]\ncheck_queries = 20\n")
-    reports = commands.run(load_config(path), ["all"], progress=False)
+    reports = commands.run(all_stages, load_config(path), ["all"], progress=False)
     assert {r.stage: r.ran for r in reports}["score"] == 2
     return path
 
@@ -149,7 +150,7 @@ def test_index_stage_records_plan_and_recall(finished) -> None:
                                         "WHERE stage = 'index'")}
     assert {"1-recall@1", "10-recall@10", "train_seconds", "add_seconds", "index_bytes"} <= names
     plan_file = Catalog.in_dir(config.work_dir).artifact_paths(
-        "index", commands.status(config)[-2].fingerprint, "plan", "freestyle")[0]
+        "index", commands.status(all_stages, config)[-2].fingerprint, "plan", "freestyle")[0]
     plan = json.loads(Path(plan_file).read_text())
     assert plan["factory"] == "Flat" and plan["n"] == ITEMS and "exact search" in plan["reason"]
 
@@ -160,7 +161,7 @@ def test_ivf_index_through_the_stages(finished) -> None:
     flat = load_config(finished)
     config = load_config(finished, ["index.factory='IVF4,Flat'", "index.check_nprobe=[1, 4]",
                                     "score.nprobe=4"])
-    reports = commands.run(config, ["score"], progress=False)
+    reports = commands.run(all_stages, config, ["score"], progress=False)
     assert {r.stage: r.ran for r in reports} == {
         "ingest": 0, "prepare": 0, "extract": 0, "cluster": 0, "train": 0, "embed": 0,
         "index": 2, "score": 2}
@@ -169,18 +170,18 @@ def test_ivf_index_through_the_stages(finished) -> None:
     metric_sql = ("SELECT method, style, protocol, fusion, metric, k, value FROM "
                   "retrieval_metrics ORDER BY ALL")
     ivf = rows(config, metric_sql)
-    commands.run(flat, ["score"], progress=False)  # the Flat plan is current again
+    commands.run(all_stages, flat, ["score"], progress=False)  # the Flat plan is current again
     assert rows(flat, metric_sql) == ivf
 
 
 def test_score_is_deterministic_after_reset(finished) -> None:
     config = load_config(finished)
-    commands.run(config, ["score"], progress=False)
-    fingerprint = commands.status(config)[-1].fingerprint
+    commands.run(all_stages, config, ["score"], progress=False)
+    fingerprint = commands.status(all_stages, config)[-1].fingerprint
     paths = Catalog.in_dir(config.work_dir).artifact_paths("score", fingerprint, "metrics")
     before = [pq.read_table(p) for p in paths]
-    commands.reset(config, "score")
-    reports = commands.run(config, ["score"], progress=False)
+    commands.reset(all_stages, config, "score")
+    reports = commands.run(all_stages, config, ["score"], progress=False)
     assert reports[-1].ran == 2
     after = [pq.read_table(p) for p in
              Catalog.in_dir(config.work_dir).artifact_paths("score", fingerprint, "metrics")]
@@ -200,7 +201,7 @@ def test_cli_prints_the_recall_table_and_its_sql(finished) -> None:
     config = load_config(finished)
     assert commands.recall_sql(config) in out.replace("\n", "")
     # The printed SQL runs and gives one row per protocol x query set x fusion x K.
-    table = commands.sql(config, commands.recall_sql(config))
+    table = commands.sql(all_stages, config, commands.recall_sql(config))
     assert len(table) == 2 * (len(STYLES) + 3 * len(FUSED)) * 3
     assert table["freestyle"].null_count == 0 and table["baseline"].null_count == 0
     # Then the query-by-query comparison at R@1 and the SQL of its counts.
@@ -230,7 +231,7 @@ def test_paired_counts_match_the_query_ranks(finished) -> None:
                 counts[0] += 1
                 counts[1] += hit["freestyle"] and not hit["baseline"]
                 counts[2] += hit["baseline"] and not hit["freestyle"]
-    got = commands.paired_table(config)
+    got = commands.paired_table(all_stages, config)
     assert {r["versus"] for r in got} == {"baseline"}
     assert {(r["protocol"], r["style"], r["fusion"], r["k"]): [r["queries"], r["wins"],
             r["losses"]] for r in got} == expected
@@ -278,13 +279,14 @@ def test_paired_sql_by_hand() -> None:
 
 def test_score_without_baseline(finished) -> None:
     config = load_config(finished, ['score.methods=["freestyle"]'])
-    commands.run(config, ["score"], progress=False)
+    commands.run(all_stages, config, ["score"], progress=False)
     methods = rows(config, "SELECT DISTINCT method FROM retrieval_metrics")
     assert methods == [("freestyle",)]
-    table = commands.sql(config, commands.recall_sql(config))
+    table = commands.sql(all_stages, config, commands.recall_sql(config))
     assert "baseline" not in table.column_names and table["freestyle"].null_count == 0
-    assert commands.paired_table(config) == []
-    commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
+    assert commands.paired_table(all_stages, config) == []
+    commands.run(all_stages,
+                 load_config(finished), ["score"], progress=False)  # restore the current plan
 
 
 def test_score_with_untrained_prompts(finished) -> None:
@@ -298,18 +300,18 @@ def test_score_with_untrained_prompts(finished) -> None:
     from pipeline.models.factory import build_model
 
     config = load_config(finished, ['score.methods=["freestyle", "untrained", "baseline"]'])
-    reports = {r.stage: r.ran for r in commands.run(config, ["score"], progress=False)}
+    reports = {r.stage: r.ran for r in commands.run(all_stages, config, ["score"], progress=False)}
     assert reports["train"] == 0 and reports["embed"] > 0
     assert reports["index"] == 3 and reports["score"] == 3
     assert rows(config, "SELECT DISTINCT method FROM retrieval_metrics ORDER BY 1") == [
         ("baseline",), ("freestyle",), ("untrained",)]
-    table = commands.sql(config, commands.recall_sql(config))
+    table = commands.sql(all_stages, config, commands.recall_sql(config))
     assert table["untrained"].null_count == 0
     headers = [c.header for c in _recall_view(table, config).columns]
     assert headers[4:7] == ["R@1 FSR", "R@1 untr", "R@1 base"]
 
     # The stored untrained embeddings are what a freshly built model gives.
-    centres = arrow_to_vectors(commands.sql(config, "SELECT centre FROM style_centres "
+    centres = arrow_to_vectors(commands.sql(all_stages, config, "SELECT centre FROM style_centres "
                                                     "ORDER BY cluster")["centre"])
     model, _ = build_model(config, centres, torch.device("cpu"))
     photos = rows(config, "SELECT image_id, path FROM gallery ORDER BY image_id LIMIT 6")
@@ -325,7 +327,8 @@ def test_score_with_untrained_prompts(finished) -> None:
                         "name = 'best_epoch'")[0][0]
     same = all(np.array_equal(trained[i], stored[i]) for i in stored)
     assert same == (best == 0), best
-    commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
+    commands.run(all_stages,
+                 load_config(finished), ["score"], progress=False)  # restore the current plan
 
 
 def test_batch_protocol_keepsone_query_per_photo() -> None:
@@ -348,7 +351,7 @@ def test_bad_images_are_recorded_once(tmp_path) -> None:
     path = write_tiny_config(tmp_path, tmp_path / "run", items=ITEMS,
                              extra="\n[index]\ncheck_queries = 20\n")
     config = load_config(path, ["data.max_failure_ratio=1.0"])
-    commands.run(config, ["prepare"], progress=False)
+    commands.run(all_stages, config, ["prepare"], progress=False)
     test_images = rows(config, "SELECT query_id, path FROM queries WHERE split = 'test' AND "
                                "path IS NOT NULL ORDER BY query_id")
     (early_id, early), (late_id, late) = test_images[0], test_images[-1]
@@ -356,9 +359,9 @@ def test_bad_images_are_recorded_once(tmp_path) -> None:
                                    "ORDER BY image_id LIMIT 1")[0]
     Path(early).write_bytes(b"not an image")
     Path(photo).write_bytes(b"not a photo")
-    commands.run(config, ["index"], progress=False)
+    commands.run(all_stages, config, ["index"], progress=False)
     Path(late).write_bytes(b"not an image either")
-    commands.run(config, ["score"], progress=False)
+    commands.run(all_stages, config, ["score"], progress=False)
 
     recorded = rows(config, "SELECT stage, unit_key, item_id FROM item_failures JOIN stages "
                             "USING (stage, fingerprint) ORDER BY stage, unit_key")
@@ -385,7 +388,7 @@ def test_the_example_queries_in_docs_catalog_run(finished) -> None:
     config = load_config(finished)
     for statement in statements:
         empty_here = "failures_by_reason" in statement or "item_failures" in statement
-        assert (len(commands.sql(config, statement)) > 0) != empty_here, statement
+        assert (len(commands.sql(all_stages, config, statement)) > 0) != empty_here, statement
 
 
 def test_vpt_runs_through_every_stage_and_every_table(finished) -> None:
@@ -398,7 +401,7 @@ def test_vpt_runs_through_every_stage_and_every_table(finished) -> None:
     from pipeline.data.images import load_rgb, to_tensor
 
     config = load_config(finished, ['score.methods=["freestyle", "baseline", "vpt"]'])
-    reports = {r.stage: r.ran for r in commands.run(config, ["score"], progress=False)}
+    reports = {r.stage: r.ran for r in commands.run(all_stages, config, ["score"], progress=False)}
     # train's plan has a unit per trained method (a new plan, so freestyle trains again).
     assert reports["train"] == 2 and reports["index"] == 3 and reports["score"] == 3
     assert rows(config, "SELECT DISTINCT method FROM train_history ORDER BY 1") == [
@@ -407,11 +410,11 @@ def test_vpt_runs_through_every_stage_and_every_table(finished) -> None:
                  "query_embeddings"):
         assert ("vpt",) in rows(config, f"SELECT DISTINCT method FROM {view}"), view
     assert rows(config, "SELECT count(*) FROM vpt_embeddings") == [(ITEMS,)]
-    table = commands.sql(config, commands.recall_sql(config))
+    table = commands.sql(all_stages, config, commands.recall_sql(config))
     assert table["vpt"].null_count == 0
     assert [c.header for c in _recall_view(table, config).columns][4:7] == [
         "R@1 FSR", "R@1 base", "R@1 vpt"]
-    paired = commands.paired_table(config)
+    paired = commands.paired_table(all_stages, config)
     assert {r["versus"] for r in paired} == {"baseline", "vpt"}
     assert [c.header for c in _paired_view(paired, config).columns][4:] == [
         "FSR vs base", "FSR vs vpt"]
@@ -419,7 +422,6 @@ def test_vpt_runs_through_every_stage_and_every_table(finished) -> None:
     # The stored embeddings are the trained VPT model's: free tokens in every layer, no
     # Gram or style input, trained weights loaded from its own train unit.
     from pipeline.runner import fingerprints, upstream_inputs
-    from stages import all_stages
 
     stages = all_stages()
     inputs = upstream_inputs(Catalog.in_dir(config.work_dir),
@@ -440,7 +442,8 @@ def test_vpt_runs_through_every_stage_and_every_table(finished) -> None:
         expected = encoders.image(pixels, None).numpy()
     stored = vectors(config, "vpt_embeddings", "image_id")
     np.testing.assert_allclose(np.stack([stored[i] for i, _ in photos]), expected, atol=1e-5)
-    commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
+    commands.run(all_stages,
+                 load_config(finished), ["score"], progress=False)  # restore the current plan
 
 
 def test_batch_drop_last_scores_full_batches_only(finished) -> None:
@@ -449,7 +452,7 @@ def test_batch_drop_last_scores_full_batches_only(finished) -> None:
     counts = {}
     for drop in (False, True):
         config = load_config(finished, [*base, f"score.batch_drop_last={str(drop).lower()}"])
-        commands.run(config, ["score"], progress=False)
+        commands.run(all_stages, config, ["score"], progress=False)
         counts[drop] = dict(rows(config, "SELECT style || ' ' || fusion, max(n_queries) FROM "
                                          "retrieval_metrics WHERE protocol = 'batch' "
                                          "GROUP BY ALL"))
@@ -459,4 +462,33 @@ def test_batch_drop_last_scores_full_batches_only(finished) -> None:
     assert counts[False].keys() == counts[True].keys()
     assert all(counts[True][s] == n // 3 * 3 for s, n in counts[False].items())
     assert any(n % 3 for n in counts[False].values()), counts  # some set lost its last batch
-    commands.run(load_config(finished), ["score"], progress=False)  # restore the current plan
+    commands.run(all_stages,
+                 load_config(finished), ["score"], progress=False)  # restore the current plan
+
+
+LOADED = ("import atexit, json, sys\n"
+          "HEAVY = ('torch', 'open_clip', 'faiss', 'numpy', 'pyarrow')\n"
+          "atexit.register(lambda: print('LOADED ' + json.dumps(sorted(\n"
+          "    m for m in HEAVY if m in sys.modules))))\n"
+          "from pipeline.cli import app\n"
+          "app(sys.argv[1:])\n")
+
+
+@pytest.mark.parametrize(("args", "allowed"), [
+    (["--help"], []),
+    (["status"], []),
+    (["sql", "SELECT stage, count(*) FROM units GROUP BY ALL"], []),
+    (["run", "all"], ["numpy", "pyarrow"]),  # numpy, pyarrow: the recall tables it prints
+])
+def test_light_commands_do_not_import_the_model_code(finished, args, allowed) -> None:
+    """A finished run: `--help`, `status`, `sql` and a `run all` with nothing to do load no
+    torch, open_clip or faiss (issue 19: an instant CLI; docs/benchmarks.md)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    config = [] if args == ["--help"] else ["--config", str(finished)]
+    done = subprocess.run([sys.executable, "-c", LOADED, *args, *config], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    if args == ["run", "all"]:
+        assert "Nothing to do" in done.stdout + done.stderr and "R@1" in done.stdout
+    line = next(x for x in done.stdout.splitlines() if x.startswith("LOADED "))
+    assert json.loads(line.removeprefix("LOADED ")) == allowed

@@ -28,6 +28,7 @@ from pipeline.executors import slurm as slurm_mod
 from pipeline.executors.slurm import SlurmExecutor, parse_job_id, parse_sacct
 from pipeline.jobs import Job
 from pipeline.stage import PipelineError
+from stages import all_stages
 
 SUBMIT = ['run.executor="slurm"', "slurm.submit=true", "slurm.poll_s=0.2"]
 
@@ -236,13 +237,13 @@ def unit_states(work_dir: Path) -> dict[str, set[str]]:
 def test_submitted_array_jobs_give_the_inline_results(tmp_path, fake_slurm):
     (tmp_path / "ref").mkdir()
     reference = write_tiny_config(tmp_path / "ref", tmp_path / "ref" / "run", items=16)
-    commands.run(load_config(reference), ["all"], progress=False)
+    commands.run(all_stages, load_config(reference), ["all"], progress=False)
 
     (tmp_path / "sl").mkdir()
     work = tmp_path / "sl" / "run"
     path = write_tiny_config(tmp_path / "sl", work, items=16, extra=slurm_section())
     started = time.monotonic()
-    reports = commands.run(load_config(path, SUBMIT), ["all"], progress=False)
+    reports = commands.run(all_stages, load_config(path, SUBMIT), ["all"], progress=False)
     took = time.monotonic() - started
 
     assert all(r.ran == r.units and r.retried == 0 for r in reports), reports
@@ -270,11 +271,12 @@ def test_submitted_array_jobs_give_the_inline_results(tmp_path, fake_slurm):
 def test_a_task_lost_without_a_record_is_resubmitted_alone(tmp_path, fake_slurm, monkeypatch):
     work = tmp_path / "run"
     path = write_tiny_config(tmp_path, work, items=16, extra=slurm_section())
-    commands.run(load_config(path), ["prepare"], progress=False)  # inline, in this process
+    commands.run(all_stages,
+                 load_config(path), ["prepare"], progress=False)  # inline, in this process
     monkeypatch.setattr(slurm_mod, "RECORD_GRACE_S", 0.5)
     monkeypatch.setenv("FAKE_SLURM_KILL_ONCE", "shard-00001")
     monkeypatch.setenv("FAKE_SACCT_OLD", "1")  # and an sacct without --array
-    reports = commands.run(load_config(path, SUBMIT), ["extract"], progress=False)
+    reports = commands.run(all_stages, load_config(path, SUBMIT), ["extract"], progress=False)
 
     extract = {r.stage: r for r in reports}["extract"]
     assert (extract.units, extract.ran, extract.retried) == (4, 4, 1), extract
@@ -316,11 +318,11 @@ def test_without_submit_the_script_is_handed_over_then_ingested(tmp_path, fake_s
     section = slurm_section(partition="gpu-a100", time="00:30:00", gpus=2, mem="16G",
                             cpus_per_task=3, extra=["--account=proj42", "--qos=low"])
     path = write_tiny_config(tmp_path, work, items=16, extra=section)
-    commands.run(load_config(path), ["prepare"], progress=False)
+    commands.run(all_stages, load_config(path), ["prepare"], progress=False)
     slurm_cfg = load_config(path, ['run.executor="slurm"'])
     with pytest.raises(HandedOff) as info:
-        commands.run(slurm_cfg, ["cluster"], progress=False)
-    fp = {s.stage: s.fingerprint for s in commands.status(slurm_cfg)}
+        commands.run(all_stages, slurm_cfg, ["cluster"], progress=False)
+    fp = {s.stage: s.fingerprint for s in commands.status(all_stages, slurm_cfg)}
     script = work / "slurm" / f"extract-{fp['extract']}-1.sbatch"
     message = str(info.value)
     assert str(script) in message and f"sbatch {script}" in message
@@ -351,7 +353,7 @@ def test_without_submit_the_script_is_handed_over_then_ingested(tmp_path, fake_s
 
     run_tasks(script, 4)  # "the user submits it"
     with pytest.raises(HandedOff) as info:
-        commands.run(slurm_cfg, ["cluster"], progress=False)
+        commands.run(all_stages, slurm_cfg, ["cluster"], progress=False)
     catalog = Catalog.in_dir(work)
     assert {u.status for u in catalog.units("extract", fp["extract"])} == {"done"}
     script = work / "slurm" / f"cluster-{fp['cluster']}-1.sbatch"
@@ -413,7 +415,8 @@ def test_sacct_output_is_parsed():
 
 def _jobs(config, n: int) -> list[Job]:
     plan = config.work_dir / "extract" / "fp0" / "_plan.json"
-    return [Job.of(config, plan, f"shard-{i:05d}", {}, "extract", "fp0") for i in range(n)]
+    return [Job.of(config, plan, f"shard-{i:05d}", {}, "extract", "fp0", "stages:all_stages")
+            for i in range(n)]
 
 
 def test_ctrl_c_while_waiting_cancels_the_array(tmp_path, fake_slurm, monkeypatch):

@@ -124,7 +124,7 @@ def test_dsr_end_to_end(tmp_path: Path) -> None:
     # A relative data.path is resolved against the config file's folder.
     config_path = write_config(tmp_path / "data", tmp_path / "run1", source="dsr", path="dsr",
                                shard_size=4)
-    reports = commands.run(load_config(config_path), ["cluster"], progress=False)
+    reports = commands.run(all_stages, load_config(config_path), ["cluster"], progress=False)
     assert {r.stage: r.ran for r in reports} == {"ingest": 1, "prepare": 2, "extract": 2,
                                                  "cluster": 1}
     catalog = catalog_of(config_path)
@@ -155,7 +155,7 @@ def test_dsr_end_to_end(tmp_path: Path) -> None:
     copy = shutil.copytree(root, tmp_path / "elsewhere" / "dsr")
     other_path = write_config(tmp_path / "other", tmp_path / "run2", source="dsr", path=copy,
                               shard_size=4)
-    commands.run(load_config(other_path), ["prepare"], progress=False)
+    commands.run(all_stages, load_config(other_path), ["prepare"], progress=False)
     other = catalog_of(other_path)
     for sql in ("SELECT key, image_id, shard FROM gallery ORDER BY key",
                 "SELECT query_id, image_id, style, shard FROM queries ORDER BY query_id"):
@@ -168,7 +168,7 @@ def test_dsr_missing_listing_names_the_path(tmp_path: Path, cli: CliRunner) -> N
     (root / "test.json").unlink()
     config = load_config(write_config(tmp_path, tmp_path / "run", source="dsr", path=root))
     with pytest.raises(SourceError, match="DSR listing .*test.json not found") as caught:
-        commands.run(config, ["extract"], progress=False)
+        commands.run(all_stages, config, ["extract"], progress=False)
     assert str(root / "test.json") in str(caught.value)
     # The CLI turns it into one line and exit code 1.
     result = cli.invoke(app, ["run", "extract", "--config", str(tmp_path / "pipeline.toml")])
@@ -190,11 +190,11 @@ def test_dsr_malformed_listing(tmp_path: Path) -> None:
     ]:
         (root / "test.json").write_text(text)
         with pytest.raises(SourceError, match=message):
-            commands.run(config, ["ingest"], progress=False)
+            commands.run(all_stages, config, ["ingest"], progress=False)
     # A UTF-8 byte order mark is fine.
     (root / "test.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(
         [{"image": "img6.jpg", "caption": "cap6.txt"}]).encode())
-    commands.run(config, ["ingest"], progress=False)
+    commands.run(all_stages, config, ["ingest"], progress=False)
 
 
 def test_dsr_bad_captions_are_failures(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ def test_dsr_bad_captions_are_failures(tmp_path: Path) -> None:
     (root / "sketch" / "img5.jpg").unlink()
     config_path = write_config(tmp_path, tmp_path / "run", source="dsr", path=root,
                                max_failure_ratio=0.5)
-    commands.run(load_config(config_path), ["extract"], progress=False)
+    commands.run(all_stages, load_config(config_path), ["extract"], progress=False)
     catalog = catalog_of(config_path)
 
     bad = failures(catalog, "prepare")
@@ -288,7 +288,7 @@ def folder_config(tmp_path: Path, work: str, **data: object) -> Path:
 def test_folder_bad_photos_are_recorded_and_odd_modes_converted(tmp_path: Path) -> None:
     make_folder(tmp_path / "photos")
     config_path = folder_config(tmp_path, "lenient", max_failure_ratio=1.0)
-    commands.run(load_config(config_path), ["extract"], progress=False)
+    commands.run(all_stages, load_config(config_path), ["extract"], progress=False)
     catalog = catalog_of(config_path)
 
     # For folder photos `prepare` decodes (the styles are drawn from them), so it catches all.
@@ -326,7 +326,7 @@ def test_folder_too_many_bad_photos_stop_the_run(tmp_path: Path, cli: CliRunner)
     make_folder(tmp_path / "photos")
     config_path = folder_config(tmp_path, "strict")  # default data.max_failure_ratio, 0.05
     with pytest.raises(commands.PipelineError) as caught:
-        commands.run(load_config(config_path), ["extract"], progress=False)
+        commands.run(all_stages, load_config(config_path), ["extract"], progress=False)
     message = str(caught.value)
     # Photos are judged against photos: 5 of the 12 (the 7 good ones' 28 queries do not
     # dilute the share; counted with them it was "5 of 40", 12.5%).
@@ -336,15 +336,17 @@ def test_folder_too_many_bad_photos_stop_the_run(tmp_path: Path, cli: CliRunner)
     assert "fsr-pipe reset prepare -y" in message
     # The bad items are there to look at, and status says why the run stops.
     assert len(failures(catalog_of(config_path), "prepare")) == len(BAD)
-    prepare = commands.status(load_config(config_path))[1]
+    prepare = commands.status(all_stages, load_config(config_path))[1]
     assert prepare.failed == 0 and "5 of 12 gallery items are bad inputs" in prepare.notes
     # `plan extract` (before a scheduler's array tasks) refuses too: prepare's units are all
     # done, but what they produced is over the limit.
     with pytest.raises(commands.PipelineError, match="stage prepare: 5 of 12 gallery items"):
-        commands.run(load_config(config_path), ["extract"], plan_only=True, progress=False)
+        commands.run(all_stages,
+                     load_config(config_path), ["extract"], plan_only=True, progress=False)
     # 41.67% of the photos is over a 30% limit (with queries counted as items it passed).
     with pytest.raises(commands.PipelineError, match=r"\(41.67%, over data.max_failure_ratio"):
-        commands.run(load_config(config_path, ["data.max_failure_ratio=0.3"]), ["extract"],
+        commands.run(all_stages,
+                     load_config(config_path, ["data.max_failure_ratio=0.3"]), ["extract"],
                      progress=False)
 
     result = cli.invoke(app, ["run", "extract", "--config",
@@ -360,15 +362,15 @@ def test_folder_without_class_folders(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, tmp_path / "run", source="folder",
                                       path=tmp_path / "flat"))
     with pytest.raises(SourceError, match="has no class sub-folders"):
-        commands.run(config, ["ingest"], progress=False)
+        commands.run(all_stages, config, ["ingest"], progress=False)
     config = load_config(write_config(tmp_path, tmp_path / "run", source="folder",
                                       path=tmp_path / "nope"))
     with pytest.raises(SourceError, match=f"photo folder {tmp_path / 'nope'} not found"):
-        commands.run(config, ["ingest"], progress=False)
+        commands.run(all_stages, config, ["ingest"], progress=False)
     config = load_config(write_config(tmp_path, tmp_path / "run", source="folder",
                                       path=tmp_path / "flat" / "a.jpg"))
     with pytest.raises(SourceError, match="a.jpg is a file, not a folder"):
-        commands.run(config, ["ingest"], progress=False)
+        commands.run(all_stages, config, ["ingest"], progress=False)
 
 
 def test_folder_skips_hidden_entries_and_says_what_it_left_out(tmp_path: Path, caplog) -> None:
@@ -382,7 +384,7 @@ def test_folder_skips_hidden_entries_and_says_what_it_left_out(tmp_path: Path, c
     (root / "dog" / "IMG_1.HEIC").write_bytes(b"\0" * 64)  # no HEIC decoder here
     config = load_config(write_config(tmp_path, tmp_path / "run", source="folder", path=root))
     with caplog.at_level("WARNING", logger="pipeline.data.sources"):
-        commands.run(config, ["prepare"], progress=False)
+        commands.run(all_stages, config, ["prepare"], progress=False)
     catalog = catalog_of(tmp_path / "pipeline.toml")
     assert catalog.rows("SELECT key, class_label FROM gallery ORDER BY key") == [
         ("cat/a.jpg", "cat"), ("dog/b.png", "dog")]
@@ -471,7 +473,7 @@ def test_manifest_end_to_end(tmp_path: Path, suffix: str) -> None:
     manifest = write_manifest(root / f"manifest{suffix}", manifest_rows())
     config_path = write_config(tmp_path, tmp_path / "run", source="manifest", path=manifest,
                                shard_size=4, max_failure_ratio=0.5)
-    commands.run(load_config(config_path), ["extract"], progress=False)
+    commands.run(all_stages, load_config(config_path), ["extract"], progress=False)
     catalog = catalog_of(config_path)
 
     bad = catalog.rows("SELECT item_kind, path, reason FROM item_failures "
@@ -538,7 +540,7 @@ def test_manifest_malformed(tmp_path: Path, rows: list[dict], message: str,
     config = load_config(write_config(tmp_path, tmp_path / "run", source="manifest",
                                       path=manifest))
     with pytest.raises(SourceError, match=message) as caught:
-        commands.run(config, ["ingest"], progress=False)
+        commands.run(all_stages, config, ["ingest"], progress=False)
     assert str(manifest) in str(caught.value)
 
 
@@ -546,7 +548,7 @@ def test_manifest_unreadable_files(tmp_path: Path) -> None:
     def ingest(path: Path) -> None:
         config = load_config(write_config(tmp_path, tmp_path / "run", source="manifest",
                                           path=path))
-        commands.run(config, ["ingest"], progress=False)
+        commands.run(all_stages, config, ["ingest"], progress=False)
 
     with pytest.raises(SourceError, match="manifest .*nope.csv not found"):
         ingest(tmp_path / "nope.csv")

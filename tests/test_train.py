@@ -249,13 +249,13 @@ def shared(tmp_path_factory) -> Path:
     """A tiny demo run through embed with BASE (the reference for several tests)."""
     directory = tmp_path_factory.mktemp("shared")
     path = write_tiny_config(directory, directory / "run", items=ITEMS)
-    commands.run(load_config(path, BASE), ["embed"], progress=False)
+    commands.run(all_stages, load_config(path, BASE), ["embed"], progress=False)
     return path
 
 
 def test_train_and_embed_end_to_end(shared):
     config = load_config(shared, BASE)
-    assert ran(commands.run(config, ["embed"], progress=False)) == nothing_ran()
+    assert ran(commands.run(all_stages, config, ["embed"], progress=False)) == nothing_ran()
     catalog = Catalog.in_dir(config.work_dir)
 
     rows = catalog.rows("SELECT epoch, loss, val_recall_at_1 FROM train_history ORDER BY epoch")
@@ -316,7 +316,7 @@ def test_train_and_embed_end_to_end(shared):
 
     # float16 storage: only embed re-runs; half floats on disk, read back through the view.
     half = load_config(shared, [*BASE, "embed.dtype=float16"])
-    assert ran(commands.run(half, ["embed"], progress=False)) == nothing_ran(embed=4)
+    assert ran(commands.run(all_stages, half, ["embed"], progress=False)) == nothing_ran(embed=4)
     for (path,) in catalog.rows("SELECT path FROM artifacts JOIN stages USING (stage, "
                                 "fingerprint) WHERE stage = 'embed'"):
         assert pq.read_schema(path).field("embedding").type.value_type == pa.float16()
@@ -340,7 +340,7 @@ def test_train_embed_score_on_the_device_match_fp32_cpu(tmp_path, device, amp):
     overrides = [*BASE, "train.lr=0.01", f"run.device={device}",
                  *(f"{stage}.amp={amp}" for stage in ("train", "embed", "score"))]
     config = load_config(write_tiny_config(tmp_path, tmp_path / "run", items=ITEMS), overrides)
-    commands.run(config, ["score"], progress=False)
+    commands.run(all_stages, config, ["score"], progress=False)
     catalog = Catalog.in_dir(config.work_dir)
 
     losses = [loss for _, loss, _ in history(config)[1:]]
@@ -375,7 +375,7 @@ def test_train_embed_score_on_the_device_match_fp32_cpu(tmp_path, device, amp):
 def test_training_is_deterministic(shared, tmp_path):
     reference = load_config(shared, BASE)
     fresh = load_config(write_tiny_config(tmp_path, tmp_path / "run", items=ITEMS), BASE)
-    commands.run(fresh, ["train"], progress=False)
+    commands.run(all_stages, fresh, ["train"], progress=False)
     assert_same_history(history(fresh), history(reference))
     assert_same_state(trained_state(fresh), trained_state(reference))
     assert_same_state(last_state(fresh), last_state(reference))
@@ -417,7 +417,7 @@ def test_early_stopping(shared, caplog):
     # A learning rate this small cannot change any ranking: no epoch beats epoch 0.
     config = load_config(shared, [*BASE, "train.lr=1e-9", "train.patience=1"])
     with caplog.at_level(logging.INFO, logger="stages.train"):
-        reports = commands.run(config, ["train"], progress=False)
+        reports = commands.run(all_stages, config, ["train"], progress=False)
     assert ran(reports) == nothing_ran(*STAGES[:5], train=1)
     epochs = [e for e, _, _ in history(config)]
     assert epochs in ([0, 1], [0, 1, 2]) and len(epochs) < EPOCHS + 1
@@ -429,11 +429,11 @@ def test_early_stopping(shared, caplog):
 
 
 def test_fingerprints_rerun_only_what_changed(shared):
-    commands.run(load_config(shared, BASE), ["embed"], progress=False)
+    commands.run(all_stages, load_config(shared, BASE), ["embed"], progress=False)
     tokens = [*BASE, "model.n_tokens=2"]
 
     def run(*overrides: str) -> dict[str, int]:
-        return ran(commands.run(load_config(shared, [*tokens, *overrides]), ["embed"],
+        return ran(commands.run(all_stages, load_config(shared, [*tokens, *overrides]), ["embed"],
                                 progress=False))
 
     assert run() == nothing_ran(train=1, embed=4)
@@ -448,19 +448,20 @@ def test_fingerprints_rerun_only_what_changed(shared):
 def test_embed_shard_processes_all_land(shared):
     overrides = [*BASE, 'score.methods=["freestyle"]']  # an embed plan no other test runs
     config = load_config(shared, overrides)
-    assert ran(commands.run(config, ["train"], progress=False)) == nothing_ran(*STAGES[:5])
+    assert ran(commands.run(all_stages,
+                            config, ["train"], progress=False)) == nothing_ran(*STAGES[:5])
     catalog = Catalog.in_dir(config.work_dir)
     shards = catalog.rows("SELECT count(*) FROM current_units WHERE stage = 'prepare'")[0][0]
-    commands.run(config, ["embed"], plan_only=True, progress=False)
+    commands.run(all_stages, config, ["embed"], plan_only=True, progress=False)
     procs = [start_cli(shared, "stage", "embed", "--shard", str(i), *set_args(overrides))
              for i in range(shards)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * shards, outputs
-    assert {s.stage: s for s in commands.status(config)}["embed"].ingested == shards
+    assert {s.stage: s for s in commands.status(all_stages, config)}["embed"].ingested == shards
     assert catalog.rows("SELECT count(*), sum(rows) FROM units WHERE stage = 'embed' AND "
                         "status = 'done' AND fingerprint = ?",
                         [fingerprints(all_stages(), config)["embed"]]) == [(shards, ITEMS)]
-    assert ran(commands.run(config, ["embed"], progress=False)) == nothing_ran()
+    assert ran(commands.run(all_stages, config, ["embed"], progress=False)) == nothing_ran()
     assert catalog.rows("SELECT count(DISTINCT image_id) FROM gallery_embeddings") == [(ITEMS,)]
     assert catalog.rows("SELECT count(*) FROM baseline_embeddings") == [(0,)]
 
@@ -469,14 +470,16 @@ def test_corrupt_gallery_photo_is_recorded_at_embed(shared):
     overrides = [*BASE, "embed.dtype=float16", 'score.methods=["freestyle"]',
                  "data.max_failure_ratio=1.0"]  # 1 of 16 is over the default 5%
     config = load_config(shared, overrides)
-    assert ran(commands.run(config, ["train"], progress=False)) == nothing_ran(*STAGES[:5])
+    assert ran(commands.run(all_stages,
+                            config, ["train"], progress=False)) == nothing_ran(*STAGES[:5])
     catalog = Catalog.in_dir(config.work_dir)
     image_id, path = catalog.rows("SELECT image_id, path FROM gallery ORDER BY image_id")[3]
     photo = Path(path)
     original = photo.read_bytes()
     try:
         photo.write_bytes((b"not an image " * len(original))[:len(original)])
-        assert ran(commands.run(config, ["embed"], progress=False)) == nothing_ran(embed=4)
+        assert ran(commands.run(all_stages,
+                                config, ["embed"], progress=False)) == nothing_ran(embed=4)
     finally:
         photo.write_bytes(original)  # the other tests embed this photo too
     failures = catalog.rows(
@@ -499,7 +502,8 @@ def test_images_broken_after_extract_are_recorded_by_train(shared, caplog):
                  "train.num_workers=1",  # failures come back from a DataLoader worker
                  "data.max_failure_ratio=1.0"]  # 1 of 16 photos is over the default 5%
     config = load_config(shared, overrides)
-    assert ran(commands.run(config, ["cluster"], progress=False)) == nothing_ran(*STAGES[:4])
+    assert ran(commands.run(all_stages,
+                            config, ["cluster"], progress=False)) == nothing_ran(*STAGES[:4])
     catalog = Catalog.in_dir(config.work_dir)
     photos = catalog.rows("SELECT image_id, path FROM gallery WHERE split = 'train' "
                           "ORDER BY image_id")
@@ -512,7 +516,7 @@ def test_images_broken_after_extract_are_recorded_by_train(shared, caplog):
         for path, data in originals.items():
             path.write_bytes((b"not an image " * len(data))[:len(data)])
         with caplog.at_level(logging.WARNING, logger="stages.train"):
-            reports = commands.run(config, ["embed"], progress=False)
+            reports = commands.run(all_stages, config, ["embed"], progress=False)
     finally:
         for path, data in originals.items():
             path.write_bytes(data)  # the other tests use these files too
@@ -664,7 +668,7 @@ def sketchy_mini_gain(tmp_path: Path, arch: str, pretrained: str, lr: float,
     (tmp_path / "pipeline.toml").write_text(SKETCHY_CONFIG.format(
         weights=weights, arch=arch, pretrained=pretrained, lr=lr, epochs=epochs))
     config = load_config(tmp_path / "pipeline.toml")
-    commands.run(config, ["train"], progress=False)
+    commands.run(all_stages, config, ["train"], progress=False)
 
     catalog = Catalog.in_dir(config.work_dir)
     photos = catalog.rows("SELECT image_id, path FROM gallery WHERE split = 'test' "

@@ -1,7 +1,8 @@
 """Dataset listings: which gallery photos and queries a source has (no decoding here).
 
-A listing is two Arrow tables (`GALLERY_LISTING`, `QUERY_LISTING`). Ids are stable hashes of
-keys; shards are assigned by sorted gallery key, and a query lives in its photo's shard.
+A listing is two Arrow tables (schemas `gallery_listing()`, `query_listing()`). Ids are stable
+hashes of keys; shards are assigned by sorted gallery key, and a query lives in its photo's
+shard.
 Sources (docs/datasets.md):
 - demo: generated from the seed (`pipeline.data.synth`), nothing read from disk;
 - dsr: `images/ sketch/ art/ mosaic/ text/` + `train.json` / `test.json`;
@@ -17,34 +18,47 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
-
-from pipeline.arrays import stable_id, stable_uniform
 from pipeline.config import Config
+
+if TYPE_CHECKING:  # pyarrow loads when a listing is built: ingest's fingerprint needs none
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 DSR_STYLE_DIRS = {"sketch": "sketch", "art": "art", "lowres": "mosaic"}
 
-GALLERY_LISTING = pa.schema([
-    ("image_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
-    ("class_label", pa.string()), ("shard", pa.int32()),
-    ("source", pa.string()),  # existing photo file; null when generated (demo)
-])
-QUERY_LISTING = pa.schema([
-    ("query_id", pa.int64()), ("image_id", pa.int64()), ("style", pa.string()),
-    ("split", pa.string()), ("class_label", pa.string()), ("shard", pa.int32()),
-    ("source", pa.string()),        # existing query image file
-    ("text", pa.string()),          # known caption text
-    ("caption_path", pa.string()),  # caption file to read (dsr)
-    ("generate", pa.bool_()),       # rendered from the photo by `prepare`
-])
+
+
+@cache
+def gallery_listing() -> pa.Schema:
+    """The gallery listing's columns."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("image_id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
+        ("class_label", pa.string()), ("shard", pa.int32()),
+        ("source", pa.string()),  # existing photo file; null when generated (demo)
+    ])
+
+
+@cache
+def query_listing() -> pa.Schema:
+    """The query listing's columns."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("query_id", pa.int64()), ("image_id", pa.int64()), ("style", pa.string()),
+        ("split", pa.string()), ("class_label", pa.string()), ("shard", pa.int32()),
+        ("source", pa.string()),        # existing query image file
+        ("text", pa.string()),          # known caption text
+        ("caption_path", pa.string()),  # caption file to read (dsr)
+        ("generate", pa.bool_()),       # rendered from the photo by `prepare`
+    ])
 
 
 class SourceError(ValueError):
@@ -72,6 +86,10 @@ class ListingBuilder:
                              "generate": generate, "tag": tag})
 
     def build(self) -> tuple[pa.Table, pa.Table]:
+        import pyarrow as pa
+
+        from pipeline.arrays import stable_id
+
         photos = sorted(self.gallery, key=lambda r: r["key"])
         by_key: dict[str, dict] = {}
         for position, row in enumerate(photos):
@@ -97,12 +115,14 @@ class ListingBuilder:
             })
         if len({r["query_id"] for r in query_rows}) != len(query_rows):
             raise SourceError("two queries share a key (same photo, style and file)")
-        gallery = pa.Table.from_pylist(photos, schema=GALLERY_LISTING)
-        queries = pa.Table.from_pylist(query_rows, schema=QUERY_LISTING)
+        gallery = pa.Table.from_pylist(photos, schema=gallery_listing())
+        queries = pa.Table.from_pylist(query_rows, schema=query_listing())
         return gallery, queries
 
 
 def _split(seed: int, key: str, test_fraction: float) -> str:
+    from pipeline.arrays import stable_uniform
+
     return "test" if stable_uniform(seed, "split:" + key) < test_fraction else "train"
 
 
@@ -218,6 +238,10 @@ MANIFEST_COLUMNS = {"kind", "key", "path", "text", "style", "target", "class_lab
 
 
 def _read_manifest(path: Path) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
     if not path.is_file():
         raise SourceError(f"manifest {path} not found (data.path)")
     suffix = path.suffix.lower()
@@ -233,6 +257,9 @@ def _read_manifest(path: Path) -> pa.Table:
 
 
 def list_manifest(config: Config) -> ListingBuilder:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     path = config.resolve(config.data.path)
     table = _read_manifest(path)
     missing = {"kind", "path"} - set(table.column_names)
