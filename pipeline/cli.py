@@ -6,6 +6,7 @@
     fsr-pipe plan extract                 # freeze a stage's plan for workers
     fsr-pipe stage extract --shard 3      # a worker: one unit, writes its record
     fsr-pipe status | reset STAGE | sql "SELECT ..."
+    fsr-pipe report                       # <work_dir>/report.html: charts, examples
 """
 
 from __future__ import annotations
@@ -176,6 +177,10 @@ def run_cmd(
             typer.echo(_render(_paired_view(paired, cfg)))
             typer.echo(f"Wins and losses at every K: fsr-pipe sql "
                        f"\"{commands.paired_sql(cfg)}\"{same}")
+    if target == "all" and recall is not None:
+        path, _ = commands.report(all_stages, cfg, if_stale=True)  # kept when current
+        console.print(f"\nReport: [bold]{path}[/] (`fsr-pipe report{same}` rewrites it)",
+                      highlight=False, soft_wrap=True)
     if target in ("all", "cluster", "score"):
         console.print(f"\nResults in [bold]{cfg.work_dir}[/] (catalog: "
                       f"{cfg.work_dir / 'catalog.duckdb'}). Try:\n"
@@ -392,6 +397,25 @@ def sql_cmd(
     typer.echo(_render(table))
     if len(rows) > max_rows:
         typer.echo(f"({len(rows)} rows, {max_rows} shown; --max-rows to see more)")
+
+
+@app.command("report")
+@_guard
+def report_cmd(
+    config: ConfigOption = Path("pipeline.toml"),
+    overrides: SetOption = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="HTML file to write (default: <work_dir>/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML page about the finished run (Recall@K charts, wins and
+    losses, training curve, style space, index recall, bad inputs, example queries) and print
+    its path. The score stage must have finished for this config (`fsr-pipe run all`)."""
+    from pipeline import commands
+    from stages import all_stages
+
+    cfg = _setup(config, overrides, quiet=True)
+    path, _ = commands.report(all_stages, cfg, out)
+    typer.echo(str(path))
 
 
 def _flat(result):  # noqa: ANN001, ANN202 - pyarrow Table in and out

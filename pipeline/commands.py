@@ -10,6 +10,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.catalog import Catalog
@@ -226,12 +227,30 @@ def recall_sql(config: Config) -> str:
             "ORDER BY protocol DESC, style, fusion, k")
 
 
+def score_finished(factory: StageFactory, config: Config) -> bool:
+    """Every unit of the score stage's current plan is done (its results can be read)."""
+    return any(st.stage == "score" and st.planned and st.done and not st.pending
+               and not st.failed and not st.running for st in status(factory, config))
+
+
 def recall_table(factory: StageFactory, config: Config) -> pa.Table | None:
     """recall_sql's result, or None when the score stage has not finished for this config."""
-    if not any(st.stage == "score" and st.planned and st.done and not st.pending
-               and not st.failed and not st.running for st in status(factory, config)):
+    if not score_finished(factory, config):
         return None
     return sql(factory, config, recall_sql(config))
+
+
+def report(factory: StageFactory, config: Config, out: Path | None = None,
+           if_stale: bool = False) -> tuple[Path, bool]:
+    """`fsr-pipe report`: write the HTML report (pipeline.report; default
+    <work_dir>/report.html). if_stale: keep a report already stamped with this config's
+    score results (what `run all` does). Returns (path, whether it was written)."""
+    from pipeline import report as html_report
+
+    path = out if out is not None else html_report.default_path(config)
+    if if_stale and html_report.is_current(factory, config, path):
+        return path, False
+    return html_report.write(factory, config, path), True
 
 
 def paired_sql(config: Config) -> str:
