@@ -6,6 +6,7 @@
     fsr-pipe plan extract                 # freeze a stage's plan for workers
     fsr-pipe stage extract --shard 3      # a worker: one unit, writes its record
     fsr-pipe status | reset STAGE | sql "SELECT ..."
+    fsr-pipe query --image sketch.png --text "a red car"   # ask the finished run's index
     fsr-pipe report                       # <work_dir>/report.html: charts, examples
 """
 
@@ -338,6 +339,83 @@ def status_cmd(config: ConfigOption = Path("pipeline.toml"), overrides: SetOptio
     if not (cfg.work_dir / "catalog.duckdb").exists():
         typer.echo(f"No run in {cfg.work_dir} yet (no catalog.duckdb): `fsr-pipe run all` "
                    "starts one.")
+
+
+@app.command("query")
+@_guard
+def query_cmd(
+    text: Annotated[str | None, typer.Option("--text", "-t", help="Words to search for.")]
+    = None,
+    image: Annotated[Path | None, typer.Option(
+        "--image", "-i", help="An image file of any style (sketch, painting, photo).")] = None,
+    method: Annotated[str | None, typer.Option(
+        "--method", "-m", help="A method of score.methods (default: the first, freestyle).")]
+    = None,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Results per query.")] = 10,
+    fusion: Annotated[str, typer.Option(
+        help="--text with --image: softmax-max (the authors'), cosine-max or mean.")]
+    = "softmax-max",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    queries: Annotated[Path | None, typer.Option(
+        "--queries", "-f", help="Batch mode: a .csv or .parquet file, one query per row "
+        "(columns text and/or image; id, if present, is copied).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Batch mode: the Parquet to write (default: FILE.results.parquet beside it).")]
+    = None,
+    config: ConfigOption = Path("pipeline.toml"),
+    overrides: SetOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Search the finished run's index for a text, an image (any style) or both (fused), as
+    the score stage does: the trained model, the index and its exact re-ranking. Prints rank,
+    image_id, path, class and score (cosine; softmax-max: its log-probability)."""
+    if queries is not None and (text is not None or image is not None or as_json or as_csv):
+        _fail("--queries runs a whole file and writes Parquet; leave out --text, --image, "
+              "--json and --csv", 2)
+    if queries is None and out is not None:
+        _fail("--out is for batch mode (--queries FILE)", 2)
+    if as_json and as_csv:
+        _fail("--json or --csv, not both", 2)
+    if queries is None and text is None and image is None:
+        _fail("give --text, --image or both (or --queries FILE for a batch)", 2)
+    from pipeline import commands
+    from stages import all_stages
+
+    cfg = _setup(config, overrides, quiet=quiet or as_json or as_csv)
+    if queries is not None:
+        report = commands.query_file(all_stages, cfg, queries, out, method, k, fusion)
+        console.print(f"{report.queries} queries in {report.seconds:.1f}s "
+                      f"({report.per_s:,.1f}/s) -> {report.out}", highlight=False)
+        for row, why in report.failed[:10]:
+            console.print(f"  [red]row {row}:[/] {escape(why)}", highlight=False)
+        if len(report.failed) > 10:
+            console.print(f"  ... {len(report.failed) - 10} more (rows with `error` set)")
+        return
+    used, rows = commands.query(all_stages, cfg, text, None if image is None else str(image),
+                                method, k, fusion)
+    if as_json:
+        typer.echo(json.dumps({"method": used, "text": text,
+                               "image": None if image is None else str(image),
+                               "fusion": fusion if text is not None and image else None,
+                               "results": rows}, indent=2))
+    elif as_csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, ["rank", "image_id", "path", "class", "score"],
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        asked = " + ".join(([f"image {image}"] if image else [])
+                           + ([f"text {text!r}"] if text is not None else []))
+        how = f", {fusion}" if text is not None and image else ""
+        table = Table("rank", "image_id", "path", "class", "score",
+                      title=escape(f"{used}: {asked}{how}, top {len(rows)}"))
+        for r in rows:
+            table.add_row(str(r["rank"]), str(r["image_id"]), escape(r["path"] or ""),
+                          escape(r["class"] or ""), f"{r['score']:.4f}")
+        typer.echo(_render(table))
 
 
 @app.command("reset")

@@ -178,6 +178,40 @@ def status(factory: StageFactory, config: Config) -> list[StageStatus]:
     return result
 
 
+def query(factory: StageFactory, config: Config, text: str | None = None,
+          image: str | None = None, method: str | None = None, k: int = 10,
+          fusion: str = "softmax-max") -> tuple[str, list[dict]]:
+    """`fsr-pipe query --text/--image`: (the method queried, its top-k rows: rank, image_id,
+    path, class, score) from the finished run of `config` (pipeline/query.py)."""
+    from pipeline.query import (
+        Query,
+        check_fusion,
+        check_method,
+        check_query,
+        open_searcher,
+        search_one,
+    )
+
+    method, fusion = check_method(config, method), check_fusion(fusion)
+    q = Query(text, image)
+    check_query(q)  # before loading anything
+    searcher = open_searcher(factory, config, method, k)
+    return method, search_one(searcher, q, fusion)
+
+
+def query_file(factory: StageFactory, config: Config, path: str | Path,
+               out: str | Path | None = None, method: str | None = None, k: int = 10,
+               fusion: str = "softmax-max", progress: bool | None = None):  # noqa: ANN201
+    """`fsr-pipe query --queries FILE`: every row's top k into a Parquet file (BatchReport)."""
+    from pipeline.query import check_fusion, check_method, open_searcher, query_columns, search_file
+
+    method, fusion = check_method(config, method), check_fusion(fusion)
+    query_columns(path)  # the file's errors before the model loads
+    searcher = open_searcher(factory, config, method, k)
+    with ProgressBoard(progress) as board:
+        return search_file(searcher, path, out, fusion, board.task)
+
+
 def reset(factory: StageFactory, config: Config, stage: str) -> list[str]:
     """Forget a stage and everything after it, and delete their files; returns their names."""
     stages = factory()

@@ -76,15 +76,11 @@ class ScoreStage(Stage):
 
         from pipeline.arrays import vectors_to_arrow
         from pipeline.artifacts import describe, write_parquet
-        from pipeline.device import resolve_device
-        from pipeline.evaluation import query_sets, schema, score_set
-        from pipeline.index import load_index, maybe_to_gpu
-        from pipeline.index_build import VectorStore
+        from pipeline.evaluation import open_index, query_sets, schema, score_set
 
         cfg, method = ctx.config.score, unit.key
-        index_dir = ctx.input_path("index", "index", unit.key)
-        store = VectorStore.open(ctx.input_path("index", "vectors", unit.key))
-        index = load_index(index_dir, expect_d=store.d, expect_ntotal=store.n)
+        index, store = open_index(ctx, ctx.config, method,
+                                  max(max(cfg.ks), cfg.keep_k, cfg.map_k))
         queries, gallery_labels = _test_queries(ctx, store)
         if not len(queries):
             raise PipelineError("score: no test-split query has its photo in the gallery; "
@@ -102,8 +98,6 @@ class ScoreStage(Stage):
         sets = query_sets(queries, emb, cfg)
         depth = min(store.n, max(max(cfg.ks), cfg.keep_k,
                                  cfg.map_k if gallery_labels is not None else 0))
-        if ctx.config.index.use_gpu and resolve_device(ctx.config.run.device).type == "cuda":
-            index = maybe_to_gpu(index, k=max(depth, cfg.rerank_k), nprobe=cfg.nprobe)
         with ctx.progress(f"score {method}", sum(len(s.query_ids) for s in sets)) as tick:
             for qs in sets:
                 scored = score_set(method, qs, index, store, depth, cfg, gallery_labels)
@@ -173,11 +167,11 @@ def _test_queries(ctx: StageContext, store: VectorStore) -> tuple[pa.Table, Any]
 
 def _encode_queries(ctx: StageContext, method: str,
                     queries: pa.Table) -> tuple[dict[int, np.ndarray], list[FailureRecord]]:
-    """query_id -> L2-normalised embedding; bad query images become failures."""
-    import torch
-
-    from pipeline.data.loader import ImageItem, encode_items
-    from pipeline.device import autocast, resolve_device
+    """query_id -> L2-normalised embedding; bad query images become failures. The encoding
+    itself is evaluation.encode_queries, which `fsr-pipe query` runs too."""
+    from pipeline.data.loader import ImageItem
+    from pipeline.device import resolve_device
+    from pipeline.evaluation import encode_queries
 
     cfg = ctx.config.score
     device = resolve_device(ctx.config.run.device)
@@ -188,27 +182,13 @@ def _encode_queries(ctx: StageContext, method: str,
     if skipped := len(queries) - len(rows):
         ctx.log.info("score %s: %d test queries skipped, extract recorded them as bad inputs",
                      method, skipped)
-    texts = [r for r in rows if r["path"] is None]
+    texts = [(r["query_id"], r["text"] or "") for r in rows if r["path"] is None]
     images = [ImageItem("query", r["query_id"], r["path"]) for r in rows if r["path"]]
-    emb: dict[int, np.ndarray] = {}
     with ctx.progress(f"encode {method} queries", len(rows)) as tick:
-        with torch.inference_mode():
-            for start in range(0, len(texts), cfg.batch_size):
-                chunk = texts[start:start + cfg.batch_size]
-                tokens = encoders.tokenizer([r["text"] or "" for r in chunk]).to(device)
-                with autocast(device, cfg.amp):
-                    out = encoders.text(tokens).float().cpu().numpy()
-                emb.update(zip((r["query_id"] for r in chunk), out))
-                tick(len(chunk))
-        done = encode_items(images, lambda pixels, _: encoders.image(pixels, None),
-                            image_size=ctx.config.extract.image_size,
-                            max_pixels=ctx.config.data.max_image_pixels,
-                            batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                            device=device, amp=cfg.amp, progress=tick)
-    if done.items:
-        emb.update(zip((i.item_id for i in done.items), done.out))
-    failures = [FailureRecord(i.item_kind, i.item_id, i.path, reason)
-                for i, reason in done.failures]
+        emb, bad = encode_queries(encoders, texts, images, device=device,
+                                  image_size=ctx.config.extract.image_size,
+                                  max_pixels=ctx.config.data.max_image_pixels,
+                                  batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                  amp=cfg.amp, progress=tick)
+    failures = [FailureRecord(i.item_kind, i.item_id, i.path, reason) for i, reason in bad]
     return emb, failures
-
-
