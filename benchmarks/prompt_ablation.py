@@ -96,7 +96,7 @@ def recall_at_1(config: Config) -> dict[str, dict[str, float]]:
     if table is None:
         raise RuntimeError(f"the score stage did not finish in {config.work_dir}")
     out: dict[str, dict[str, float]] = {}
-    for row in table.to_pylist():
+    for row in table:
         if row["protocol"] != "gallery" or row["k"] != 1:
             continue
         name = row["style"] if row["fusion"] == "none" else f"{row['style']}/{row['fusion']}"

@@ -6,8 +6,8 @@
     fsr-pipe plan extract                 # freeze a stage's plan for workers
     fsr-pipe stage extract --shard 3      # a worker: one unit, writes its record
     fsr-pipe status | reset STAGE | sql "SELECT ..."
-    fsr-pipe query --image sketch.png --text "a red car"   # ask the finished run's index
     fsr-pipe report                       # <work_dir>/report.html: charts, examples
+    fsr-pipe query --image sketch.png --text "a red car"   # ask the finished run's index
 """
 
 from __future__ import annotations
@@ -203,9 +203,8 @@ def _method_columns(config: Config) -> list[tuple[str, str, str]]:
     return [(m.name, m.short, m.title) for m in methods.configured(config)]
 
 
-def _recall_view(result, config: Config) -> Table:
+def _recall_view(rows: list[dict], config: Config) -> Table:
     """One row per (protocol, query set): Recall@K of each configured method per K."""
-    rows = result.to_pylist()
     ks = sorted({r["k"] for r in rows})
     methods = [m for m in _method_columns(config) if any(r[m[0]] is not None for r in rows)]
     table = Table("protocol", "queries", "fusion", "n",

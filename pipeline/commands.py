@@ -129,6 +129,12 @@ def status(factory: StageFactory, config: Config) -> list[StageStatus]:
     if not catalog.path.exists():
         return [StageStatus(s.name, expected[s.name], False, notes=s.notes(config))
                 for s in stages]
+    with catalog.held():  # one connection for its ~20 small reads
+        return _status(catalog, stages, expected, config)
+
+
+def _status(catalog: Catalog, stages: list, expected: dict[str, str],
+            config: Config) -> list[StageStatus]:
     planned = {(name, fp) for name, fp in catalog.rows(
         "SELECT DISTINCT stage, fingerprint FROM units")}
     new = {s.name: ingest_records(catalog, s.name, expected[s.name], config.work_dir)
@@ -267,11 +273,17 @@ def score_finished(factory: StageFactory, config: Config) -> bool:
                and not st.failed and not st.running for st in status(factory, config))
 
 
-def recall_table(factory: StageFactory, config: Config) -> pa.Table | None:
-    """recall_sql's result, or None when the score stage has not finished for this config."""
+def recall_table(factory: StageFactory, config: Config) -> list[dict] | None:
+    """recall_sql's rows, or None when the score stage has not finished for this config."""
     if not score_finished(factory, config):
         return None
-    return sql(factory, config, recall_sql(config))
+    return _dicts(sql(factory, config, recall_sql(config), arrow=False))
+
+
+def _dicts(result: tuple[list[str], list[tuple]]) -> list[dict]:
+    """(column names, rows) as one dict per row (the tables printed without pyarrow)."""
+    names, rows = result
+    return [dict(zip(names, row)) for row in rows]
 
 
 def report(factory: StageFactory, config: Config, out: Path | None = None,
@@ -314,12 +326,12 @@ def paired_table(factory: StageFactory, config: Config) -> list[dict]:
     sets (style SINGLE_STYLES), each with `p`: the exact two-sided sign test of wins vs
     losses. Read it once score has finished (`recall_table` is not None); empty when score
     scored one method."""
-    return with_pooled_and_p(sql(factory, config, paired_sql(config)).to_pylist())
+    return with_pooled_and_p(_dicts(sql(factory, config, paired_sql(config), arrow=False)))
 
 
 def with_pooled_and_p(rows: list[dict]) -> list[dict]:
     """paired_sql rows + the pooled single-style rows, each with its sign-test `p`."""
-    from pipeline.retrieval import sign_test_p
+    from pipeline.stats import sign_test_p
 
     pooled: dict[tuple, dict] = {}
     for r in rows:

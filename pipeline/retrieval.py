@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from pipeline.stats import sign_test_p  # noqa: F401 - part of this module's API
+
 RECALL_KS = (1, 5, 10)
 # The authors turn cosines into probabilities as softmax(100 * cos) (CLIP's logit scale).
 SOFTMAX_SCALE = 100.0
@@ -294,25 +296,3 @@ def batch_protocol_ranks(
         own = np.diagonal(sim)[:, None]
         ranks[start:stop] = (sim >= own).sum(axis=1)
     return ranks
-
-
-def sign_test_p(wins: int, losses: int) -> float:
-    """Exact two-sided sign test (McNemar's exact test) on paired hit/miss outcomes.
-
-    Two methods ranked the same queries; `wins` is how many queries only the first found in
-    its top K, `losses` how many only the second found (queries both or neither found carry
-    no information). The p-value of "neither is better": twice the Binomial(n, 1/2) tail at
-    min(wins, losses), n = wins + losses, capped at 1. Log-space sums, so a million
-    discordant queries take milliseconds.
-    """
-    if wins < 0 or losses < 0:
-        raise ValueError(f"wins and losses are counts; got {wins}, {losses}")
-    n, m = wins + losses, min(wins, losses)
-    if n == 0:
-        return 1.0
-    i = np.arange(m, dtype=np.float64)
-    # log C(n, j) for j = 0..m, from C(n, j + 1) = C(n, j) * (n - j) / (j + 1)
-    log_comb = np.concatenate([[0.0], np.cumsum(np.log(n - i) - np.log1p(i))])
-    top = log_comb.max()
-    log_tail = top + np.log(np.exp(log_comb - top).sum()) - n * np.log(2.0)
-    return float(min(1.0, 2.0 * np.exp(log_tail)))

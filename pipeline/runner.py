@@ -8,6 +8,7 @@ See docs/resume.md and docs/distributed.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -228,25 +229,30 @@ class Runner:
             resolve_device(self.config.run.device)
         for stage in todo:
             stage.check(self.config)
-        self.catalog.init()
         if plan_only:
             reports = []
-            for stage in order:
-                self._require_upstream_done(stage)
-                units = self.plan(stage)
-                reports.append(StageReport(stage.name, self.fingerprints[stage.name],
-                                           units=len(units)))
+            with self.catalog.held():
+                self.catalog.init()
+                for stage in order:
+                    self._require_upstream_done(stage)
+                    units = self.plan(stage)
+                    reports.append(StageReport(stage.name, self.fingerprints[stage.name],
+                                               units=len(units)))
             return reports
         if self.executor is None:
             self.executor = make_executor(self.config, self.board.task)
         reports = []
-        try:
-            with self.board.task("stages", len(order)) as advance:
-                for stage in order:
-                    reports.append(self._run_stage(stage))
-                    advance(1)
-        finally:
-            self.executor.close()
+        # Nothing to run: one connection for all of it (else each stage holds its own around
+        # its bookkeeping, and none is held while units run).
+        with self.catalog.held() if not todo else contextlib.nullcontext():
+            self.catalog.init()
+            try:
+                with self.board.task("stages", len(order)) as advance:
+                    for stage in order:
+                        reports.append(self._run_stage(stage))
+                        advance(1)
+            finally:
+                self.executor.close()
         return reports
 
     def _first_not_done(self, order: Sequence[Stage]) -> int:
@@ -254,10 +260,11 @@ class Runner:
         catalog holds (records not yet ingested count as not done); len(order) if all are."""
         if not self.catalog.path.exists():
             return 0
-        for i, stage in enumerate(order):
-            units = self.catalog.units(stage.name, self.fingerprints[stage.name])
-            if not units or any(u.status != "done" for u in units):
-                return i
+        with self.catalog.held():
+            for i, stage in enumerate(order):
+                units = self.catalog.units(stage.name, self.fingerprints[stage.name])
+                if not units or any(u.status != "done" for u in units):
+                    return i
         return len(order)
 
     def _require_upstream_done(self, stage: Stage) -> None:
@@ -308,14 +315,16 @@ class Runner:
         work_dir, lease_s = self.config.work_dir, self.config.run.lease_s
         if note := stage.notes(self.config):
             log.warning("%s: %s", stage.name, note)
-        units = self.plan(stage)
+        with self.catalog.held():  # one connection for the bookkeeping, none while units run
+            units = self.plan(stage)
+            out_dir = work_dir / stage.name / fp
+            leases = read_leases(out_dir)
+            if removed := remove_stale_tmp(out_dir, leases, lease_s):
+                log.info("%s: removed %d temporary file(s) left by a crashed run", stage.name,
+                         removed)
+            ingest_records(self.catalog, stage.name, fp, work_dir)
+            status = {u.key: u for u in self.catalog.units(stage.name, fp)}
         report = StageReport(stage.name, fp, units=len(units))
-        out_dir = work_dir / stage.name / fp
-        leases = read_leases(out_dir)
-        if removed := remove_stale_tmp(out_dir, leases, lease_s):
-            log.info("%s: removed %d temporary file(s) left by a crashed run", stage.name, removed)
-        ingest_records(self.catalog, stage.name, fp, work_dir)
-        status = {u.key: u for u in self.catalog.units(stage.name, fp)}
         todo = [u for u in units if status[u.key].status != "done"]
         busy = {u.key: leases[u.key] for u in todo
                 if u.key in leases and leases[u.key].state(lease_s) == "alive"}
@@ -332,14 +341,15 @@ class Runner:
             ingest_records(self.catalog, stage.name, fp, work_dir)
             self._refresh_views(stage, quiet=True)
             raise
-        self._refresh_views(stage)
-        if report.busy:
-            raise PipelineError(
-                f"stage {stage.name}: {len(report.busy)} unit(s) are being run by other "
-                f"processes: {', '.join(report.busy[:3])}; run again when they finish"
-            )
-        if self._complete(stage):
-            self._check_failures(stage.name, fp)
+        with self.catalog.held():
+            self._refresh_views(stage)
+            if report.busy:
+                raise PipelineError(
+                    f"stage {stage.name}: {len(report.busy)} unit(s) are being run by other "
+                    f"processes: {', '.join(report.busy[:3])}; run again when they finish"
+                )
+            if self._complete(stage):
+                self._check_failures(stage.name, fp)
         return report
 
     def _dispatch(self, stage: Stage, todo: list[UnitRow], attempts: dict[str, int],

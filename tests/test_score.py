@@ -307,7 +307,7 @@ def test_score_with_untrained_prompts(finished) -> None:
         ("baseline",), ("freestyle",), ("untrained",)]
     table = commands.sql(all_stages, config, commands.recall_sql(config))
     assert table["untrained"].null_count == 0
-    headers = [c.header for c in _recall_view(table, config).columns]
+    headers = [c.header for c in _recall_view(table.to_pylist(), config).columns]
     assert headers[4:7] == ["R@1 FSR", "R@1 untr", "R@1 base"]
 
     # The stored untrained embeddings are what a freshly built model gives.
@@ -412,7 +412,7 @@ def test_vpt_runs_through_every_stage_and_every_table(finished) -> None:
     assert rows(config, "SELECT count(*) FROM vpt_embeddings") == [(ITEMS,)]
     table = commands.sql(all_stages, config, commands.recall_sql(config))
     assert table["vpt"].null_count == 0
-    assert [c.header for c in _recall_view(table, config).columns][4:7] == [
+    assert [c.header for c in _recall_view(table.to_pylist(), config).columns][4:7] == [
         "R@1 FSR", "R@1 base", "R@1 vpt"]
     paired = commands.paired_table(all_stages, config)
     assert {r["versus"] for r in paired} == {"baseline", "vpt"}
