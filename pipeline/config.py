@@ -237,13 +237,17 @@ class IndexConfig:
     # A FAISS factory string (e.g. "IVF4096,PQ64") or "auto": chosen from the gallery size,
     # dimension and max_memory_mb, with the reason logged (pipeline/index.py, docs/method.md 5).
     factory: str = "auto"
-    # Memory budget of the index itself (codes, ids, centroids) for "auto".
+    # Memory budget of the index build for "auto" (index, training sample, add buffers, check):
+    # the most accurate family whose estimated build peak fits (pipeline/index_plan.py).
     max_memory_mb: int = 4096
-    # Index recall against exact search, measured on this many gallery vectors used as
-    # queries (their own id left out), at each nprobe, without and with re-ranking.
+    # Search parameters are tuned on this many gallery vectors used as queries (their own id
+    # left out): the fastest setting of the sweep below reaching target_recall 10-recall@10
+    # is stored with the index (search_params.json) and used by score and query.
     check_queries: int = 1000
-    check_nprobe: tuple[int, ...] = (8, 32, 128)
-    check_rerank_k: int = 200
+    target_recall: float = 0.95
+    check_nprobe: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)  # IVF lists visited
+    ef_search: tuple[int, ...] = (16, 32, 64, 128, 256, 512)  # HNSW search depths
+    check_rerank_k: int = 200  # the longest short list re-ranked (SQ8 / PQ codes)
     # Build on the GPU when run.device resolves to CUDA and faiss-gpu is installed.
     use_gpu: bool = _run_only(True)
     # A killed build resumes from its last checkpoint, written at most this often.
@@ -253,6 +257,10 @@ class IndexConfig:
         _check(bool(self.factory), "index.factory", 'must be "auto" or a FAISS factory string')
         _check(self.max_memory_mb >= 1, "index.max_memory_mb", "must be >= 1")
         _check(self.check_queries >= 0, "index.check_queries", "must be >= 0 (0 = no check)")
+        _check(0 < self.target_recall <= 1, "index.target_recall",
+               "must be in (0, 1] (10-recall@10 against exact search, e.g. 0.95)")
+        _check(bool(self.ef_search) and all(1 <= e <= 4096 for e in self.ef_search),
+               "index.ef_search", "must be a non-empty list of values in [1, 4096]")
         _check(bool(self.check_nprobe) and all(1 <= n <= 2048 for n in self.check_nprobe),
                "index.check_nprobe", "must be a non-empty list of values in [1, 2048]")
         _check(10 <= self.check_rerank_k <= 2048, "index.check_rerank_k",
@@ -273,11 +281,14 @@ class ScoreConfig:
     ks: tuple[int, ...] = (1, 5, 10)
     # Class-level mAP@map_k and P@map_k, where the dataset has class labels.
     map_k: int = 200
-    # Gallery protocol: search through the index visiting nprobe lists, then re-rank the top
-    # rerank_k by exact cosine from the stored vectors (0 = no re-ranking; `max` fusion
-    # always scores the union of its two short lists exactly).
-    nprobe: int = 32
-    rerank_k: int = 200
+    # Gallery protocol: search through the index with the parameters the index stage tuned to
+    # index.target_recall (search_params.json). Set to override: nprobe (IVF lists visited,
+    # >= 1), ef_search (HNSW depth, >= 1), rerank_k (top rerank_k re-ranked by exact cosine
+    # from the stored vectors, >= 0, 0 = none; the max fusions always score the union of
+    # their two short lists exactly). 0 / 0 / -1 = the tuned values.
+    nprobe: int = 0
+    ef_search: int = 0
+    rerank_k: int = -1
     # Two-query searches "<style>+<style>", scored under each fusion rule (docs/method.md 6):
     # softmax-max (the authors': per gallery item, the larger of the two queries'
     # softmax(100 cos) probabilities), cosine-max (the larger raw cosine), mean (of the two
@@ -309,8 +320,11 @@ class ScoreConfig:
         _check(bool(self.ks) and all(k >= 1 for k in self.ks), "score.ks",
                "must be a non-empty list of values >= 1")
         _check(self.map_k >= 1, "score.map_k", "must be >= 1")
-        _check(self.nprobe >= 1, "score.nprobe", "must be >= 1")
-        _check(self.rerank_k >= 0, "score.rerank_k", "must be >= 0 (0 = no re-ranking)")
+        _check(self.nprobe >= 0, "score.nprobe", "must be >= 1, or 0 = the index's tuned value")
+        _check(self.ef_search >= 0, "score.ef_search",
+               "must be >= 1, or 0 = the index's tuned value")
+        _check(self.rerank_k >= -1, "score.rerank_k",
+               "must be >= 0 (0 = no re-ranking), or -1 = the index's tuned value")
         for pair in self.fused:
             parts = pair.split("+")
             _check(len(parts) == 2 and all(parts) and parts[0] != parts[1], "score.fused",

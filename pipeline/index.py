@@ -4,16 +4,17 @@ Arrays in, arrays out (docs/method.md section 5). Every stored vector is float32
 and the metric is inner product, so scores are cosines. Ids are the gallery's int64 image ids
 (-1 is FAISS's "no result" and never a real id).
 
-    plan = plan_index(n, d)                                 # "auto": Flat / IVF,Flat / IVF,PQ
+    plan = plan_index(n, d)                 # "auto": Flat / HNSW / IVF-Flat / IVF-SQ8 / IVF-PQ
     index = train_index(plan, xt)                           # xt: rows picked by sample_ids
     add_shard(index, ids, x)                                # once per embed shard, in order
     save_index(index, path); index = load_index(path, expect_d=d, expect_ntotal=n)
-    D, I = search(index, xq, k=100, nprobe=32)              # short list from the codes
+    D, I = search(index, xq, k=100, nprobe=32)              # short list (ef_search for HNSW)
     D, I = rerank(xq, I, lookup, k=10)                      # exact cosines from float vectors
     knn_recall(I, I_exact, k_at=10, r=10)                   # 10-recall@10 against brute force
 
-The index structure is a FAISS factory string; `plan_index` picks one from the gallery size and
-a memory budget and says why in `IndexPlan.reason` (the stage logs it and stores the plan).
+The index structure is a FAISS factory string; `plan_index` (pipeline/index_plan.py) picks one
+from the gallery size and a memory budget and says why in `IndexPlan.reason` (the stage logs it
+and stores the plan); pipeline/index_tune.py tunes nprobe / efSearch / rerank_k to a recall target.
 """
 
 # ruff: noqa: E741 - D, I are FAISS's names for scores and ids (as in faiss and its docs)
@@ -21,178 +22,38 @@ a memory budget and says why in `IndexPlan.reason` (the stage logs it and stores
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from pipeline.artifacts import atomic_path
+
+# Kept here for callers of pipeline.index; the planner and its memory model live in
+# pipeline/index_plan.py.
+from pipeline.index_plan import (  # noqa: F401 - re-exported
+    AUTO_POINTS_PER_CENTROID,
+    FLAT_BELOW,
+    GPU_PQ_M,
+    GPU_PQ_SUBDIM,
+    IDMAP2_BYTES,
+    MAX_POINTS_PER_CENTROID,
+    MIN_POINTS_PER_CENTROID,
+    IndexPlan,
+    family_of,
+    parse_factory,
+    plan_index,
+)
 from pipeline.retrieval import SOFTMAX_SCALE, logsumexp_rows
 
 log = logging.getLogger(__name__)
 
-# Below this many vectors exact search is cheap (10k x 512 floats = 20 MB) and needs no training.
-FLAT_BELOW = 10_000
-# Below this, IVF with full vectors: PQ would save little memory, and a PQ trained on fewer points
-# than ~40 per centroid of every sub-quantizer at the larger nlist is poor.
-IVF_FLAT_BELOW = 50_000
-# FAISS k-means uses at most 256 points per centroid and warns below 39.
-MAX_POINTS_PER_CENTROID = 256
-MIN_POINTS_PER_CENTROID = 39
-# Auto plans train on at most 64 per centroid: k-means time grows with sample x nlist. At
-# 1M x 512-d (IVF4096) 256 per centroid means all 1M rows: ~11 min of k-means on 2 cores
-# (extrapolated from the measured ~60 GFLOP/s) and a 2 GiB sample, held twice while gathered;
-# 64 trained in 253 s on a loaded machine, build peak 1.27 GiB (benchmarks/index_scale.py).
-AUTO_POINTS_PER_CENTROID = 64
-# Code sizes (bytes = m at 8 bits) and sub-vector sizes the GPU IVFPQ kernels support;
-# `plan_index` prefers an m in both so that `use_gpu` works on the planned index.
-GPU_PQ_M = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
-GPU_PQ_SUBDIM = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
-# Rough per-entry cost of IndexIDMap2 (id array + reverse hash map), for memory estimates.
-IDMAP2_BYTES = 40
 # FAISS's distance for a missing result under inner product (-FLT_MAX); `rerank` uses it too.
 MISSING_SCORE = float(np.finfo(np.float32).min)
 # Tolerance of the unit-norm check on gallery vectors (float16 storage rounds norms by ~1e-3).
 NORM_TOLERANCE = 1e-2
-
-
-@dataclass(frozen=True)
-class IndexPlan:
-    """A FAISS factory string for n vectors of d dims and what it implies (0 = not used)."""
-
-    n: int
-    d: int
-    factory: str
-    nlist: int
-    pq_m: int
-    nbits: int
-    train_size: int
-    estimated_bytes: int
-    reason: str
-
-
-def _gib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
-
-
-def _auto_nlist(n: int) -> int:
-    """4*sqrt(n) rounded up to a power of two (in [4, 8]*sqrt(n)), halved to keep 39 per list."""
-    nlist = 2 ** math.ceil(math.log2(max(1.0, 4 * math.sqrt(n))))
-    while nlist > 1 and MIN_POINTS_PER_CENTROID * nlist > n:
-        nlist //= 2
-    return nlist
-
-
-def _train_size(n: int, d: int, nlist: int, ksub: int, max_memory_bytes: int,
-                per_centroid: int = MAX_POINTS_PER_CENTROID) -> int:
-    """min(n, per_centroid points per centroid), capped by memory but not below 39 each."""
-    wanted = min(n, per_centroid * max(nlist, ksub))
-    floor = min(n, MIN_POINTS_PER_CENTROID * max(nlist, ksub))
-    return max(floor, min(wanted, max_memory_bytes // (4 * d)))
-
-
-def _train_note(train_size: int, n: int, nlist: int) -> str:
-    if train_size >= n:
-        return f"train on all {n} ({n // nlist} per centroid)"
-    capped = ("" if train_size >= AUTO_POINTS_PER_CENTROID * nlist else ", memory-capped")
-    return (f"train on {train_size} ({train_size // nlist} per centroid{capped}; auto plans "
-            f"use at most {AUTO_POINTS_PER_CENTROID})")
-
-
-def _pq_bytes(n: int, d: int, nlist: int, m: int) -> int:
-    # codes + 8-byte ids + coarse centroids + PQ centroids (no precomputed tables under IP).
-    return n * (m + 8) + nlist * d * 4 + 256 * d * 4
-
-
-def _choose_pq_m(n: int, d: int, nlist: int, max_memory_bytes: int) -> tuple[int, str]:
-    """Largest m <= d/4 dividing d whose codes fit, GPU-supported sizes first."""
-    cap = max(1, d // 4)
-    divisors = [m for m in range(cap, 0, -1) if d % m == 0]
-    gpu_ok = [m for m in divisors if m in GPU_PQ_M and d // m in GPU_PQ_SUBDIM]
-    for candidates, note in ((gpu_ok, "GPU-supported "), (divisors, "")):
-        for m in candidates:
-            if _pq_bytes(n, d, nlist, m) <= max_memory_bytes:
-                return m, note
-    raise ValueError(
-        f"{n} vectors of dimension {d} do not fit in max_memory_bytes={max_memory_bytes} even with "
-        "1-byte PQ codes; raise the index memory budget"
-    )
-
-
-def plan_index(
-    n: int, d: int, factory: str = "auto", max_memory_bytes: int = 4 << 30
-) -> IndexPlan:
-    """Index structure for n unit vectors of d dims (inner product): "auto" or a factory string."""
-    if n < 1 or d < 1:
-        raise ValueError(f"an index needs n >= 1 vectors of d >= 1 dims; got n={n}, d={d}")
-    if factory != "auto":
-        return _plan_given(n, d, factory, max_memory_bytes)
-    budget = f"max_memory_bytes={_gib(max_memory_bytes)}"
-    flat_bytes = n * (4 * d + 8 + IDMAP2_BYTES)
-    if n < FLAT_BELOW and flat_bytes <= max_memory_bytes:
-        reason = (f"n={n} < {FLAT_BELOW}: exact search over float vectors (Flat, ids kept by "
-                  f"IDMap2), no training; {_gib(flat_bytes)}")
-        return IndexPlan(n, d, "Flat", 0, 0, 0, 0, flat_bytes, reason)
-    nlist = _auto_nlist(n)
-    coarse = (f"IVF{nlist} (4*sqrt(n)={4 * math.sqrt(n):.0f} rounded up to a power of two, "
-              f"at least {MIN_POINTS_PER_CENTROID} points per centroid)")
-    ivf_flat_bytes = n * (4 * d + 8) + nlist * d * 4
-    if n < IVF_FLAT_BELOW and ivf_flat_bytes <= max_memory_bytes:
-        train_size = _train_size(n, d, nlist, 0, max_memory_bytes, AUTO_POINTS_PER_CENTROID)
-        reason = (f"n={n} < {IVF_FLAT_BELOW}: {coarse} over full float vectors; "
-                  f"{_train_note(train_size, n, nlist)}; {_gib(ivf_flat_bytes)}")
-        return IndexPlan(n, d, f"IVF{nlist},Flat", nlist, 0, 0, train_size, ivf_flat_bytes,
-                         reason)
-    if n < MAX_POINTS_PER_CENTROID:
-        raise ValueError(f"n={n} vectors of dimension {d} do not fit in {budget} as float vectors, "
-                         "and too few to train 8-bit PQ; raise the index memory budget")
-    m, note = _choose_pq_m(n, d, nlist, max_memory_bytes)
-    estimated = _pq_bytes(n, d, nlist, m)
-    train_size = _train_size(n, d, nlist, 256, max_memory_bytes, AUTO_POINTS_PER_CENTROID)
-    reason = (f"n={n}: {coarse}; PQ{m}x8 ({m} bytes per vector, the largest {note}m <= d/4 "
-              f"dividing d={d} within {budget}); {_train_note(train_size, n, nlist)}; "
-              f"{_gib(estimated)}")
-    return IndexPlan(n, d, f"IVF{nlist},PQ{m}", nlist, m, 8, train_size, estimated, reason)
-
-
-def parse_factory(d: int, factory: str) -> faiss.Index:
-    """The empty, untrained index a factory string describes; ValueError if FAISS rejects it."""
-    try:
-        return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        message = str(error).strip().splitlines()[-1]
-        raise ValueError(
-            f"index factory string {factory!r} is not valid for d={d}: {message}") from error
-
-
-def _plan_given(n: int, d: int, factory: str, max_memory_bytes: int) -> IndexPlan:
-    index = parse_factory(d, factory)
-    ivf = faiss.try_extract_index_ivf(index)
-    nlist = ivf.nlist if ivf is not None else 0
-    pq = getattr(faiss.downcast_index(ivf if ivf is not None else index), "pq", None)
-    m, nbits = (pq.M, pq.nbits) if pq is not None else (0, 0)
-    if nlist > n:
-        raise ValueError(f"index factory string {factory!r} has {nlist} lists but the gallery has "
-                         f"only {n} vectors to train them; use fewer lists or 'auto'")
-    if ivf is not None:
-        code_bytes = n * (ivf.code_size + 8) + nlist * d * 4 + (2**nbits * d * 4 if pq else 0)
-    else:
-        code_bytes = n * (index.sa_code_size() + 8 + IDMAP2_BYTES)
-    train_size = 0 if index.is_trained else _train_size(
-        n, d, nlist, 2**nbits if pq else 0, max_memory_bytes)
-    notes = [f"given factory {factory!r}"]
-    if train_size and nlist and train_size < MIN_POINTS_PER_CENTROID * nlist:
-        notes.append(f"only {train_size // nlist} training points per centroid "
-                     f"(FAISS wants >= {MIN_POINTS_PER_CENTROID})")
-    if code_bytes > max_memory_bytes:
-        notes.append(f"estimate exceeds max_memory_bytes={_gib(max_memory_bytes)}")
-    notes.append(f"train on {train_size}" if train_size else "no training")
-    reason = "; ".join(notes) + f"; {_gib(code_bytes)}"
-    return IndexPlan(n, d, factory, nlist, m, nbits, train_size, code_bytes, reason)
 
 
 def sample_ids(ids: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -345,22 +206,53 @@ def load_index(
     return index
 
 
-def _set_nprobe(index: faiss.Index, nprobe: int) -> None:
+def set_search_params(index: faiss.Index, nprobe: int, ef_search: int = 0) -> None:
+    """nprobe on an IVF index (CPU or GPU), efSearch on an HNSW one; 0 leaves a value as is."""
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
+    if nprobe and ivf is not None:
         ivf.nprobe = nprobe
-    elif _is_gpu(index):  # GPU IVF classes, also behind a pre-transform
+    elif nprobe and _is_gpu(index):  # GPU IVF classes, also behind a pre-transform
         faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    inner = _unwrap(index)
+    if ef_search and isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = ef_search
+
+
+def _unwrap(index: faiss.Index) -> faiss.Index:
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def is_hnsw(index: faiss.Index) -> bool:
+    """Whether efSearch applies (an HNSW index, also inside IDMap / a pre-transform)."""
+    return isinstance(_unwrap(index), faiss.IndexHNSW)
+
+
+def reserve_storage(index: faiss.Index, n: int) -> None:
+    """Size a Flat / HNSW-Flat index's float storage for n vectors up front, so adding shard by
+    shard never reallocates it (a std::vector grown by doubling holds the old and the new
+    buffer while copying: up to 2x the storage at the build's peak)."""
+    inner = _unwrap(index)
+    storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+    if not isinstance(storage, faiss.IndexFlatCodes) or n <= storage.ntotal:
+        return
+    size = storage.ntotal * storage.code_size
+    storage.codes.resize(n * storage.code_size)  # capacity for n ...
+    storage.codes.resize(size)                   # ... size back; add() grows within it
 
 
 def search(
-    index: faiss.Index, xq: np.ndarray, k: int, nprobe: int
+    index: faiss.Index, xq: np.ndarray, k: int, nprobe: int, ef_search: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (D, I) by inner product, visiting nprobe lists (IVF only; GPU: k, nprobe <= 2048)."""
-    if k < 1 or nprobe < 1:
-        raise ValueError(f"k and nprobe must be >= 1; got k={k}, nprobe={nprobe}")
+    """Top-k (D, I) by inner product, visiting nprobe lists (IVF only; GPU: k, nprobe <= 2048),
+    with an HNSW search depth of ef_search (0 = the index's own; FAISS uses max(ef, k))."""
+    if k < 1 or nprobe < 1 or ef_search < 0:
+        raise ValueError(f"k and nprobe must be >= 1 and ef_search >= 0; got k={k}, "
+                         f"nprobe={nprobe}, ef_search={ef_search}")
     xq = _vectors("xq", xq, index.d, unit=False)
-    _set_nprobe(index, nprobe)
+    set_search_params(index, nprobe, ef_search)
     return index.search(xq, k)
 
 
@@ -475,15 +367,15 @@ def knn_recall(I_approx: np.ndarray, I_exact: np.ndarray, k_at: int, r: int) -> 
 
 def search_rerank(
     index: faiss.Index, xq: np.ndarray, k: int, nprobe: int, rerank_k: int,
-    lookup: VectorLookup | None,
+    lookup: VectorLookup | None, ef_search: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (D, I): the index's top max(k, rerank_k) re-ranked exactly, or plain top-k.
 
     rerank_k = 0 (or no lookup) returns the index's own scores, which for PQ are approximate.
     """
     if rerank_k <= 0 or lookup is None:
-        return search(index, xq, k, nprobe)
-    _, I = search(index, xq, max(k, rerank_k), nprobe)
+        return search(index, xq, k, nprobe, ef_search)
+    _, I = search(index, xq, max(k, rerank_k), nprobe, ef_search)
     return rerank(xq, I, lookup, k)
 
 
@@ -491,7 +383,7 @@ def search_rerank(
 def search_fused_max(
     index: faiss.Index, xa: np.ndarray, xb: np.ndarray, k: int, nprobe: int, short_k: int,
     lookup: VectorLookup, softmax: bool = False,
-    log_z: tuple[np.ndarray, np.ndarray] | None = None,
+    log_z: tuple[np.ndarray, np.ndarray] | None = None, ef_search: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery items of a two-query search, fused per gallery item by a max.
 
@@ -506,8 +398,8 @@ def search_fused_max(
     item in the fused top-k is in the top-k of one of the two queries.
     """
     width = max(k, short_k)
-    _, I_a = search(index, xa, width, nprobe)
-    _, I_b = search(index, xb, width, nprobe)
+    _, I_a = search(index, xa, width, nprobe, ef_search)
+    _, I_b = search(index, xb, width, nprobe, ef_search)
     I = np.sort(np.concatenate([I_a, I_b], axis=1), axis=1)
     I[:, 1:][I[:, 1:] == I[:, :-1]] = -1  # an id in both lists counts once
     return _exact_top_k([xa, xb], I, lookup, k, softmax=softmax,

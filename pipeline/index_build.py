@@ -42,11 +42,14 @@ from pipeline.index import (
     load_index,
     maybe_to_gpu,
     rerank,
+    reserve_storage,
     sample_ids,
     save_index,
     search,
     train_index,
 )
+from pipeline.index_plan import CHECK_BLOCK_ROWS
+from pipeline.index_tune import RecallRow
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +273,7 @@ def build_index(
     started = time.monotonic()
     resumed = _load_checkpoint(work_dir, plan.d)
     index, added = resumed if resumed else (load_index(trained_path, expect_d=plan.d), [])
+    reserve_storage(index, n)  # Flat / HNSW: no reallocation of the float storage while adding
     if gpu:
         index = maybe_to_gpu(index)
     done, resumed_shards = set(added), len(added)
@@ -311,11 +315,14 @@ def build_index(
 # ---------------------------------------------------------------- recall against exact search
 
 
-def exact_search(store: VectorStore, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k (D, ids) by inner product over the whole store, streamed block by block."""
+def exact_search(store: VectorStore, xq: np.ndarray, k: int,
+                 block_rows: int = CHECK_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (D, ids) by inner product over the whole store, streamed block by block
+    (small blocks: the recall check runs inside the index build's memory budget)."""
     from faiss.contrib.exhaustive_search import knn_ground_truth
 
-    D, rows = knn_ground_truth(np.ascontiguousarray(xq, dtype=np.float32), store.blocks(), k,
+    D, rows = knn_ground_truth(np.ascontiguousarray(xq, dtype=np.float32),
+                               store.blocks(block_rows), k,
                                metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
     return D, np.where(rows >= 0, store.ids[np.maximum(rows, 0)], -1)
 
@@ -327,16 +334,6 @@ def _drop_self(lists: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
         kept = ids[ids != own][:k]
         out[row, :len(kept)] = kept
     return out
-
-
-@dataclass(frozen=True)
-class RecallRow:
-    nprobe: int
-    rerank_k: int        # 0 = straight from the codes
-    recall_1_at_1: float
-    recall_10_at_10: float
-    queries_per_s: float
-    n_queries: int
 
 
 def check_recall(

@@ -85,66 +85,89 @@ def test_plan_tiny_gallery_is_exact() -> None:
     assert plan.estimated_bytes >= 100 * 512 * 4
 
 
-def test_plan_small_gallery_is_ivf_flat() -> None:
+MIB = 1 << 20
+# The benchmark's scale (benchmarks/index_scale.py): 1M x 512-d in shards of 10k rows.
+BENCH = {"n": 1_000_000, "d": 512, "add_rows": 10_000}
+ACCURACY = ["flat", "hnsw", "ivf-flat", "ivf-sq8", "ivf-pq"]  # the order auto tries them in
+
+
+@pytest.mark.parametrize(("budget_mb", "family", "factory"), [
+    (4096, "hnsw", "HNSW32,Flat"),     # the floats + graph (2.2 GiB) fit: no compression
+    (2560, "ivf-flat", "IVF4096,Flat"),  # HNSW's build (2.5 GiB) does not, IVF-Flat's does
+    (1024, "ivf-sq8", "IVF4096,SQ8"),  # floats do not fit; 1 byte per dimension does
+    (256, "ivf-pq", "IVF1024,PQ64"),   # PQ codes, fewer lists so that training fits
+])
+def test_auto_plan_by_budget_at_a_million(budget_mb, family, factory) -> None:
+    plan = plan_index(**BENCH, max_memory_bytes=budget_mb * MIB)
+    assert (plan.family, plan.factory) == (family, factory)
+    assert plan.estimated_bytes <= plan.build_bytes <= budget_mb * MIB
+    faiss.index_factory(plan.d, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if family != "hnsw":  # the reason names what did not fit
+        assert "did not fit: HNSW32,Flat needs" in plan.reason
+    if plan.nlist:
+        assert 39 * plan.nlist <= plan.train_size <= 64 * max(plan.nlist, 256)
+
+
+def test_auto_plan_gets_more_accurate_with_budget() -> None:
+    families = [plan_index(**BENCH, max_memory_bytes=mb * MIB).family
+                for mb in (128, 256, 512, 1024, 2048, 4096, 8192)]
+    ranks = [ACCURACY.index(f) for f in families]
+    assert ranks == sorted(ranks, reverse=True)
+    assert families[0] == "ivf-pq" and families[-1] == "hnsw"
+
+
+def test_auto_plan_refuses_up_front_and_names_the_minimum() -> None:
+    with pytest.raises(ValueError, match="index.max_memory_mb = 64") as error:
+        plan_index(**BENCH, max_memory_bytes=64 * MIB)
+    need = int(str(error.value).split("at least ")[1].split()[0])
+    assert need > 64
+    plan = plan_index(**BENCH, max_memory_bytes=need * MIB)  # the minimum it names is enough
+    assert plan.family == "ivf-pq" and plan.build_bytes <= need * MIB
+
+
+def test_plan_medium_gallery_is_hnsw() -> None:
     plan = plan_index(20_000, 512)
-    # 4*sqrt(20k) = 566 -> 1024, halved to 512 so that 39 * nlist <= 20k.
-    assert (plan.factory, plan.nlist, plan.pq_m, plan.train_size) == ("IVF512,Flat", 512, 0, 20_000)
-
-
-def test_plan_medium_gallery() -> None:
-    plan = plan_index(100_000, 512)
-    # 4*sqrt(100k) = 1265 -> 2048; m = d/8 = 64 (d/4 = 128 is not a GPU code size).
-    assert plan == IndexPlan(
-        n=100_000, d=512, factory="IVF2048,PQ64", nlist=2048, pq_m=64, nbits=8,
-        train_size=100_000, estimated_bytes=100_000 * 72 + 2048 * 512 * 4 + 256 * 512 * 4,
-        reason=plan.reason)
-    assert "IVF2048" in plan.reason and "PQ64" in plan.reason
+    assert (plan.factory, plan.family, plan.nlist, plan.train_size) == ("HNSW32,Flat", "hnsw", 0, 0)
+    # Float vectors (2 KiB each) + 2 x 32 links at level 0 (256 B) and a few upper ones.
+    assert 20_000 * (2048 + 256) < plan.estimated_bytes < 20_000 * (2048 + 256 + 128)
 
 
 def test_plan_large_gallery() -> None:
-    plan = plan_index(10_000_000, 512)
+    plan = plan_index(10_000_000, 512, add_rows=10_000)
     assert (plan.factory, plan.nlist, plan.pq_m, plan.nbits) == ("IVF16384,PQ64", 16384, 64, 8)
-    # Auto plans train on at most 64 per centroid: 1M x 2 KiB = 2 GiB, within the budget.
-    assert plan.train_size == index_module.AUTO_POINTS_PER_CENTROID * 16384 == 1 << 20
-    assert "64 per centroid; auto plans use at most 64" in plan.reason
-    assert plan.estimated_bytes <= 4 << 30
+    # The 4 GiB budget caps the 2-copy training sample just below 64 per centroid.
+    assert 39 * 16384 <= plan.train_size <= 64 * 16384
+    assert plan.build_bytes <= 4 << 30
 
 
-def test_plan_million_trains_on_64_per_centroid() -> None:
-    # The size of benchmarks/index_scale.py: 256 per centroid (all 1M rows) took ~11 min of
-    # k-means on 2 cores; 64 per centroid is a quarter of the work.
-    plan = plan_index(1_000_000, 512)
-    assert (plan.factory, plan.train_size) == ("IVF4096,PQ64", 64 * 4096)
-
-
-def test_plan_training_sample_is_memory_capped() -> None:
-    plan = plan_index(10_000_000, 512, max_memory_bytes=3 << 29)
-    # 1.5 GiB holds 786,432 vectors of 2 KiB: 48 per centroid instead of 64.
-    assert plan.pq_m == 64 and plan.train_size == (3 << 29) // (512 * 4) == 48 * 16384
-    assert "48 per centroid, memory-capped" in plan.reason
-
-
-def test_plan_tight_budget_shrinks_pq_codes() -> None:
-    plan = plan_index(10_000_000, 512, max_memory_bytes=300 << 20)
-    assert plan.pq_m == 16  # 10M x (16 + 8) B = 240 MB; 20, 24, 28 do not divide 512
-    assert plan.estimated_bytes <= 300 << 20
-    # The training sample never drops below 39 points per centroid.
-    assert plan.train_size == 39 * plan.nlist
-    with pytest.raises(ValueError, match="max_memory_bytes"):
-        plan_index(10_000_000, 512, max_memory_bytes=50 << 20)
+def test_plan_tight_budget_shrinks_pq_codes_and_lists() -> None:
+    plan = plan_index(10_000_000, 512, max_memory_bytes=300 * MIB, add_rows=10_000)
+    assert plan.family == "ivf-pq" and plan.pq_m < 64 and 512 % plan.pq_m == 0
+    assert plan.nlist < 16384 and "halved until training fit" in plan.reason
+    assert plan.build_bytes <= 300 * MIB
+    assert plan.train_size >= 39 * max(plan.nlist, 256)  # never below FAISS's floor
 
 
 @pytest.mark.parametrize("n", [10_000, 49_999, 50_000, 300_000, 3_000_000, 100_000_000])
-def test_auto_plans_follow_the_rules(n: int) -> None:
-    plan = plan_index(n, 768)
+@pytest.mark.parametrize("budget_mb", [256, 4096])
+def test_auto_plans_follow_the_rules(n: int, budget_mb: int) -> None:
+    try:
+        plan = plan_index(n, 768, max_memory_bytes=budget_mb * MIB, add_rows=10_000)
+    except ValueError as error:
+        assert n == 100_000_000 and budget_mb == 256 and "at least" in str(error)
+        return
+    assert plan.build_bytes <= budget_mb * MIB
+    faiss.index_factory(plan.d, plan.factory, faiss.METRIC_INNER_PRODUCT)
     nlist = plan.nlist
+    if not nlist:
+        assert plan.family in ("flat", "hnsw")
+        return
     assert nlist & (nlist - 1) == 0
     assert 39 * nlist <= n and nlist <= 16 * math.sqrt(n)
-    assert nlist >= 4 * math.sqrt(n) or 39 * 2 * nlist > n
+    assert nlist >= 4 * math.sqrt(n) / 16 or 39 * 2 * nlist > n
     assert 39 <= plan.train_size / nlist <= 256 and plan.train_size <= n
     if plan.pq_m:
         assert 768 % plan.pq_m == 0 and plan.nbits == 8
-    faiss.index_factory(plan.d, plan.factory, faiss.METRIC_INNER_PRODUCT)
 
 
 def test_plan_validates_a_given_factory() -> None:
@@ -204,11 +227,45 @@ def test_ivfpq_recall_with_and_without_rerank(gallery, ivfpq) -> None:
 
 def test_auto_plan_ivf_flat_recall(gallery) -> None:
     ids, xb, xq, exact = gallery
-    plan = plan_index(len(ids), D)
-    assert plan.factory.endswith(",Flat") and plan.nlist > 1
+    # 12 MiB: too little for HNSW's links (a 16 MiB build), enough for IVF-Flat (9 MiB).
+    plan = plan_index(len(ids), D, max_memory_bytes=12 * MIB, add_rows=5000)
+    assert plan.family == "ivf-flat" and plan.nlist > 1
     index = _filled(plan, ids, xb)
     _, I = search(index, xq, 10, nprobe=32)
     assert knn_recall(I, exact, k_at=10, r=10) > 0.9
+
+
+def test_auto_plan_hnsw_recall_grows_with_ef_search(gallery) -> None:
+    ids, xb, xq, exact = gallery
+    plan = plan_index(len(ids), D, add_rows=5000)
+    assert plan.factory == "HNSW32,Flat"
+    index = _filled(plan, ids, xb)  # IDMap2 around HNSW, filled shard by shard
+    assert index.ntotal == len(ids) and index_module.is_hnsw(index)
+    recall = {}
+    for ef in (10, 128):
+        D_, I = search(index, xq, 10, nprobe=1, ef_search=ef)
+        assert set(I.ravel()) <= set(ids)
+        recall[ef] = knn_recall(I, exact, k_at=10, r=10)
+    assert recall[128] > 0.95 and recall[128] > recall[10]
+    # Scores are exact cosines of the returned ids.
+    assert np.allclose(D_[:, 0], np.einsum("qd,qd->q", xq, xb[np.searchsorted(ids, I[:, 0])]),
+                       atol=1e-5)
+
+
+def test_reserve_storage_keeps_adds_in_place(gallery) -> None:
+    ids, xb, _, _ = gallery
+    for factory in ("Flat", "HNSW32,Flat"):
+        index = train_index(plan_index(len(ids), D, factory=factory), xb[:0])
+        index_module.reserve_storage(index, len(ids))
+        inner = index_module._unwrap(index)
+        storage = faiss.downcast_index(inner.storage) if factory != "Flat" else inner
+        assert storage.codes.size() == 0
+        add_shard(index, ids[:100], xb[:100])
+        buffer = storage.codes.data()
+        add_shard(index, ids[100:], xb[100:])  # grows within the reserved capacity
+        assert storage.codes.data() == buffer and index.ntotal == len(ids)
+        _, I = search(index, xb[:5], 1, nprobe=1, ef_search=64)
+        assert list(I[:, 0]) == list(ids[:5])
 
 
 def test_shards_fill_the_same_index_as_one_add(gallery) -> None:

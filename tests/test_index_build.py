@@ -33,6 +33,13 @@ from pipeline.index_build import (
     check_recall,
     exact_search,
 )
+from pipeline.index_tune import (
+    SearchParams,
+    effective_search,
+    load_search_params,
+    save_search_params,
+    tune_search,
+)
 from pipeline.retrieval import log_partition
 
 D = 16
@@ -323,3 +330,74 @@ def test_fused_max_search_equals_brute_force_max(tmp_path, shards) -> None:
     plain = search_rerank(build.index, xa, 5, 1, 0, store.lookup)
     for a, b in zip(plain, search(build.index, xa, 5, 1)):
         assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------- tuning to a recall target
+
+
+def _independent_recall(build, store: VectorStore, params, n_queries: int, seed: int) -> float:
+    """10-recall@10 at `params` on other held-out gallery vectors, against brute force by hand."""
+    ids, x = store.ids, np.asarray(store.x)
+    rows = np.random.default_rng(seed).choice(len(ids), n_queries, replace=False)
+    exact = np.argsort(-(x[rows] @ x.T), axis=1, kind="stable")[:, :11]
+    exact = np.array([[ids[j] for j in r if j != q][:10] for q, r in zip(rows, exact)])
+    _, I = search_rerank(build.index, x[rows], 11, params.nprobe, params.rerank_k, store.lookup,
+                         params.ef_search)
+    found = np.array([[i for i in r if i != ids[q]][:10] for q, r in zip(rows, I)])
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
+
+
+@pytest.mark.parametrize(("factory", "knob"), [("IVF32,PQ4x4", "nprobe"),
+                                               ("HNSW8,Flat", "ef_search")])
+def test_tuner_reaches_the_target_at_the_fastest_setting(tmp_path, shards, factory, knob) -> None:
+    build = build_index(shards, plan_index(3000, D, factory), tmp_path, seed=0)
+    store = VectorStore.open(build.vectors_path)
+    rows, params = tune_search(build.index, store, 300, seed=0, nprobes=(1, 2, 4, 8, 32),
+                               ef_searches=(4, 8, 16, 64), rerank_cap=100, target=0.9,
+                               nlist=32)
+    assert params.reached and params.recall_10_at_10 >= 0.9
+    chosen = [r for r in rows if r.chosen]
+    assert len(chosen) == 1 and getattr(chosen[0], knob) == getattr(params, knob)
+    # The fastest of the settings that reach the target; some cheaper settings do not.
+    reaching = [r for r in rows if r.recall_10_at_10 >= 0.9]
+    assert chosen[0].queries_per_s == max(r.queries_per_s for r in reaching)
+    assert any(r.recall_10_at_10 < 0.9 for r in rows)
+    if knob == "nprobe":  # 4-bit PQ codes need re-ranking; nprobe beyond 32 lists is dropped
+        assert params.rerank_k > 0 and {r.nprobe for r in rows} == {1, 2, 4, 8, 32}
+    else:  # exact scores: no re-ranking tried
+        assert {r.rerank_k for r in rows} == {0} and params.family == "hnsw"
+    # Measured again, independently, on other queries: the chosen setting holds (within noise).
+    assert _independent_recall(build, store, params, 300, seed=7) >= 0.88
+
+
+def test_tuner_falls_back_to_the_most_accurate_setting(tmp_path, shards, caplog) -> None:
+    build = build_index(shards, plan_index(3000, D, "IVF32,PQ4x4"), tmp_path, seed=0)
+    store = VectorStore.open(build.vectors_path)
+    with caplog.at_level("WARNING", logger="pipeline.index_tune"):
+        rows, params = tune_search(build.index, store, 200, seed=0, nprobes=(1,),
+                                   ef_searches=(16,), rerank_cap=11, target=1.0)
+    assert not params.reached and "no setting reached" in params.note
+    assert params.recall_10_at_10 == max(r.recall_10_at_10 for r in rows)
+    assert "no setting reached" in caplog.text
+
+
+def test_score_searches_with_the_stored_parameters(tmp_path, shards) -> None:
+    """search_set (score and query) reads search_params.json beside the store; score.* set
+    explicitly override it."""
+    from pipeline.config import ScoreConfig
+    from pipeline.evaluation import QuerySet, search_set
+
+    build = build_index(shards, plan_index(3000, D, "IVF32,PQ4x4"), tmp_path, seed=0)
+    store = VectorStore.open(build.vectors_path)
+    xq = store.lookup(store.ids[:50])
+    qs = QuerySet("sketch", "none", np.arange(50), None, store.ids[:50], None, xq)
+    expected = {(p, r): search_rerank(build.index, xq, 10, p, r, store.lookup)
+                for p, r in ((16, 60), (1, 0))}
+    assert not np.array_equal(expected[16, 60][1], expected[1, 0][1])
+    save_search_params(tmp_path, SearchParams(nprobe=16, rerank_k=60))
+    assert load_search_params(build.index_path) == SearchParams(nprobe=16, rerank_k=60)
+    assert effective_search(ScoreConfig(), tmp_path) == (16, 0, 60)
+    assert effective_search(ScoreConfig(nprobe=1, rerank_k=0), tmp_path) == (1, 0, 0)
+    for cfg, key in ((ScoreConfig(), (16, 60)), (ScoreConfig(nprobe=1, rerank_k=0), (1, 0))):
+        D_, I = search_set(qs, build.index, store, 10, cfg)
+        assert np.array_equal(I, expected[key][1])

@@ -141,14 +141,17 @@ def test_query_ranks_agree_with_metrics_and_batch_ranks_stay_in_batches(finished
 def test_index_stage_records_plan_and_recall(finished) -> None:
     config = load_config(finished)
     recall = rows(config, "SELECT method, factory, nprobe, rerank_k, recall_1_at_1, "
-                          "recall_10_at_10, n_queries FROM index_recall ORDER BY ALL")
-    # 24 photos: "auto" plans exact search, so the index finds exactly what brute force does.
-    assert [r[:4] for r in recall] == [("baseline", "Flat", 0, 0), ("baseline", "Flat", 0, 24),
-                                       ("freestyle", "Flat", 0, 0), ("freestyle", "Flat", 0, 24)]
-    assert all(r[4] == 1.0 and r[5] == 1.0 and r[6] == 20 for r in recall)
+                          "recall_10_at_10, n_queries, family, chosen FROM index_recall "
+                          "ORDER BY ALL")
+    # 24 photos: "auto" plans exact search, so the index finds exactly what brute force does;
+    # its scores are exact, so the tuner tries no re-ranking.
+    assert [r[:4] for r in recall] == [("baseline", "Flat", 0, 0), ("freestyle", "Flat", 0, 0)]
+    assert all(r[4] == 1.0 and r[5] == 1.0 and r[6] == 20 and r[7:] == ("flat", True)
+               for r in recall)
     names = {n for (n,) in rows(config, "SELECT DISTINCT name FROM current_metrics "
                                         "WHERE stage = 'index'")}
-    assert {"1-recall@1", "10-recall@10", "train_seconds", "add_seconds", "index_bytes"} <= names
+    assert {"1-recall@1", "10-recall@10", "train_seconds", "add_seconds", "index_bytes",
+            "search_nprobe", "search_rerank_k", "search_reached_target"} <= names
     plan_file = Catalog.in_dir(config.work_dir).artifact_paths(
         "index", commands.status(all_stages, config)[-2].fingerprint, "plan", "freestyle")[0]
     plan = json.loads(Path(plan_file).read_text())
@@ -156,17 +159,20 @@ def test_index_stage_records_plan_and_recall(finished) -> None:
 
 
 def test_ivf_index_through_the_stages(finished) -> None:
-    """A given IVF factory: nprobe sweep in the recall rows; with all lists probed and exact
-    re-ranking, the scores equal the exact (Flat) run's."""
+    """A given IVF factory: nprobe sweep in the recall rows; score searches with the tuned
+    nprobe (target 1.0: all 4 lists), so the scores equal the exact (Flat) run's."""
     flat = load_config(finished)
     config = load_config(finished, ["index.factory='IVF4,Flat'", "index.check_nprobe=[1, 4]",
-                                    "score.nprobe=4"])
+                                    "index.target_recall=1.0"])
     reports = commands.run(all_stages, config, ["score"], progress=False)
     assert {r.stage: r.ran for r in reports} == {
         "ingest": 0, "prepare": 0, "extract": 0, "cluster": 0, "train": 0, "embed": 0,
         "index": 2, "score": 2}
     got = rows(config, "SELECT DISTINCT factory, nprobe FROM index_recall ORDER BY ALL")
     assert got == [("IVF4,Flat", 1), ("IVF4,Flat", 4)]
+    chosen = rows(config, "SELECT DISTINCT nprobe, recall_10_at_10 FROM index_recall "
+                          "WHERE chosen")
+    assert chosen == [(4, 1.0)] or all(r[1] == 1.0 for r in chosen)
     metric_sql = ("SELECT method, style, protocol, fusion, metric, k, value FROM "
                   "retrieval_metrics ORDER BY ALL")
     ivf = rows(config, metric_sql)
