@@ -6,12 +6,14 @@ results and ranks tables the score stage writes (docs/method.md 6). Arrays in, A
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ScoreConfig
+from pipeline.config import Config, ScoreConfig
 from pipeline.index import search_fused_max, search_rerank
 from pipeline.index_build import VectorStore
 from pipeline.index_tune import effective_search
@@ -25,6 +27,12 @@ from pipeline.retrieval import (
     precision_at_k,
     target_ranks,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.data.loader import ImageItem
+    from pipeline.methods import Artifacts, Encoders
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +92,68 @@ def query_sets(queries: pa.Table, emb: dict[int, np.ndarray],
         ids, targets, labels, xa = arrays(rows_a)
         partner_ids, _, _, xb = arrays([first_b[t] for t in targets.tolist()])
         for fusion in cfg.fusions:
-            if fusion == "mean":
-                sets.append(QuerySet(pair, "mean", ids, partner_ids, targets, labels,
-                                     fuse_mean(xa, xb)))
-            else:  # softmax-max, cosine-max: both queries search, their scores are fused
-                sets.append(QuerySet(pair, fusion, ids, partner_ids, targets, labels, xa, xb))
+            sets.append(fused_query_set(pair, fusion, ids, partner_ids, targets, labels, xa, xb))
     return sets
+
+
+def fused_query_set(style: str, fusion: str, ids: np.ndarray, partner_ids: np.ndarray | None,
+                    targets: np.ndarray, labels: np.ndarray | None, xa: np.ndarray,
+                    xb: np.ndarray) -> QuerySet:
+    """Two queries per row (a's and its partner b's) under one fusion rule: `mean` searches
+    with their mean embedding; the max rules (softmax-max, cosine-max) search with both."""
+    if fusion == "mean":
+        return QuerySet(style, "mean", ids, partner_ids, targets, labels, fuse_mean(xa, xb))
+    return QuerySet(style, fusion, ids, partner_ids, targets, labels, xa, xb)
+
+
+def open_index(artifacts: Artifacts, config: Config, method: str,
+               depth: int) -> tuple[Any, VectorStore]:
+    """(index, vector store) the index stage wrote for `method`, as the score stage and
+    `fsr-pipe query` search them: the index on the GPU when index.use_gpu and run.device is
+    CUDA (maybe_to_gpu, for searches of up to `depth` results and score.rerank_k)."""
+    from pipeline.device import resolve_device
+    from pipeline.index import load_index, maybe_to_gpu
+
+    store = VectorStore.open(artifacts.input_path("index", "vectors", method))
+    index = load_index(artifacts.input_path("index", "index", method), expect_d=store.d,
+                       expect_ntotal=store.n)
+    if config.index.use_gpu and resolve_device(config.run.device).type == "cuda":
+        nprobe, _, rerank_k = effective_search(config.score, store.path.parent)
+        index = maybe_to_gpu(index, k=max(min(store.n, depth), rerank_k), nprobe=nprobe)
+    return index, store
+
+
+def encode_queries(encoders: Encoders, texts: list[tuple[int, str]], images: list[ImageItem], *,
+                   device: torch.device, image_size: int, max_pixels: int, batch_size: int,
+                   num_workers: int, amp: str, progress: Callable[[int], None] | None = None,
+                   ) -> tuple[dict[int, np.ndarray], list[tuple[ImageItem, str]]]:
+    """The one query-encoding path (the score stage's and `fsr-pipe query`'s): (id, text)
+    pairs through the method's text tower, image items through its image encoder (the Gram
+    path reads the pixels: any style goes in as it is), in batches of `batch_size`.
+    Returns id -> L2-normalised float32 embedding, and the (item, reason) of bad images."""
+    import torch
+
+    from pipeline.data.loader import encode_items
+    from pipeline.device import autocast
+
+    emb: dict[int, np.ndarray] = {}
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start:start + batch_size]
+            tokens = encoders.tokenizer([text for _, text in chunk]).to(device)
+            with autocast(device, amp):
+                out = encoders.text(tokens).float().cpu().numpy()
+            emb.update(zip((i for i, _ in chunk), out))
+            if progress is not None:
+                progress(len(chunk))
+    if not images:
+        return emb, []
+    done = encode_items(images, lambda pixels, _: encoders.image(pixels, None),
+                        image_size=image_size, max_pixels=max_pixels, batch_size=batch_size,
+                        num_workers=num_workers, device=device, amp=amp, progress=progress)
+    if done.items:
+        emb.update(zip((i.item_id for i in done.items), done.out))
+    return emb, done.failures
 
 
 @dataclass
