@@ -1,8 +1,8 @@
-"""Index stage at gallery scale: build budget, recall and queries/s on 1M x 512-d vectors.
+"""Index stage at gallery scale, by memory budget: ours vs autofaiss on 1M x 512-d vectors.
 
-    python benchmarks/index_scale.py --work-dir /tmp/index-scale              # 1M, ~30 min
-    python benchmarks/index_scale.py --n 100000 --work-dir /tmp/index-scale   # a few minutes
-    python benchmarks/index_scale.py --work-dir /tmp/index-scale --skip-autofaiss
+    python benchmarks/index_scale.py --work-dir /tmp/index-scale          # 1M, 3 budgets, long
+    python benchmarks/index_scale.py --n 100000 --work-dir /tmp/index-scale --skip-autofaiss
+    python benchmarks/index_scale.py --work-dir /tmp/index-scale --budgets-mb 4096
 
 Data: `--n` synthetic unit vectors written as `--shards` Parquet shards the way the embed stage
 writes them (`image_id` int64 from `stable_id`, `embedding` fixed-size list of float32 via
@@ -10,23 +10,21 @@ writes them (`image_id` int64 from `stable_id`, `embedding` fixed-size list of f
 are seeded and kept under `--work-dir`, so a second run regenerates nothing. The distribution
 (`sample_rows`): a mixture of 1,000 overlapping Gaussian clusters in a random 64-dim subspace
 (axis scales falling as 1/i), plus isotropic noise in all d dims, L2-normalised: clustered, of
-low intrinsic dimension like real image embeddings, and not trivially separable (top-1 / top-10
-neighbour cosines ~0.86 / 0.84 at 100k; the recall table shows nprobe matters).
+low intrinsic dimension like real image embeddings, and not trivially separable.
 
-Build: a fresh subprocess runs exactly what the index stage runs,
-`plan_index(n, d, "auto", budget)` and `build_index(shards, plan, dir, seed=0,
-store_dtype="float32", checkpoint_s=60)`, and reports its peak RSS (`ru_maxrss`), train and add
-seconds, and the bytes on disk of the index and of the float vector store used for re-ranking.
-
-Search, in this process: 1-recall@1 and 10-recall@10 (`knn_recall`) of the first `--queries`
-queries against exact brute force over the vector store (`exact_search`), at each `--nprobe`,
-straight from the codes and re-ranked (`search_rerank` with each `--rerank-k`). The chosen
-setting is the cheapest one reaching 10-recall@10 >= 0.95 with re-ranking; at it, the score
-stage's work (`search_rerank`, k = 10 and k = map_k = 200) is timed on `--throughput-queries`.
-
-Side by side: the same vectors (as `.npy` files) through autofaiss with the same memory budget,
-in its own environment (`benchmarks/autofaiss_build.py`, see benchmarks/README.md); its index is
-then loaded here and measured on the same queries, with and without the same re-ranking.
+Per budget in `--budgets-mb` (default 4096, 1024, 256 = `index.max_memory_mb`):
+- ours, in a fresh subprocess, exactly what the index stage runs: `plan_index(n, d, "auto",
+  budget, add_rows=shard rows)`, `build_index(...)`, then `tune_search` with the shipped sweep
+  to 10-recall@10 >= 0.95 on 1,000 gallery vectors (own id left out). It reports build time,
+  peak RSS after the build (`ru_maxrss`; and the RSS before planning), index bytes, the tuned
+  setting. Back here: 1-recall@1, 10-recall@10 and queries/s at the tuned setting on the
+  held-out `--queries` (not in the gallery) against exact brute force over the float store.
+- autofaiss with the same budget (`current_memory_available` = the budget, its index budget
+  90% of it, the most it accepts), in its own environment (`benchmarks/autofaiss_build.py`, see
+  benchmarks/README.md); its index is loaded here and measured on the same queries at its own
+  tuned setting (and a small grid, for reference).
+One table at the end: build time, build peak RSS, index bytes, 10-recall@10 and queries/s per
+budget for both, the ratios ours / autofaiss and whether each target is met.
 """
 
 # ruff: noqa: E741 - D, I are FAISS's names for scores and ids (as in faiss and its docs)
@@ -123,22 +121,35 @@ def shard_list(data: Path) -> list:
 
 
 def child_build(data: Path, out: Path, budget: int) -> None:
-    """In a fresh process: the index stage's plan + build; one JSON line on stdout."""
+    """In a fresh process: the index stage's plan + build + tuning; one JSON line on stdout.
+
+    Peak RSS is read after the build (train + add) and again after tuning (which maps the
+    float store read-only: its clean file pages count in ru_maxrss, not in the budget)."""
+    from pipeline.config import IndexConfig
     from pipeline.index import plan_index
-    from pipeline.index_build import build_index, shard_dim
+    from pipeline.index_build import VectorStore, build_index, shard_dim
+    from pipeline.index_tune import tune_search
 
     shards = shard_list(data)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n, d = sum(s.rows for s in shards), shard_dim(shards[0])
     started = time.perf_counter()
-    plan = plan_index(n, d, "auto", budget)
+    plan = plan_index(n, d, "auto", budget, add_rows=max(s.rows for s in shards))
     build = build_index(shards, plan, out, seed=0, store_dtype="float32", checkpoint_s=60)
     seconds = time.perf_counter() - started
+    peak_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cfg = IndexConfig()  # the shipped sweep and target
+    started = time.perf_counter()
+    rows, params = tune_search(build.index, VectorStore.open(build.vectors_path),
+                               cfg.check_queries, 0, cfg.check_nprobe, cfg.ef_search,
+                               cfg.check_rerank_k, TARGET_RECALL, plan.nlist)
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     print(json.dumps({
         "plan": plan.__dict__, "seconds": seconds, "train_s": build.train_seconds,
         "add_s": build.add_seconds, "rss_after_imports_kib": rss_before,
-        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "sizes": sizes}))
+        "peak_rss_kib": peak_build, "tune_s": time.perf_counter() - started,
+        "peak_rss_after_tune_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "params": params.__dict__, "tune_rows": [r.__dict__ for r in rows], "sizes": sizes}))
 
 
 def run_json(command: list[str], log_path: Path) -> dict:
@@ -152,7 +163,7 @@ def run_json(command: list[str], log_path: Path) -> dict:
 
 
 def build_ours(root: Path, data: Path, budget: int, reuse: bool) -> tuple[dict, Path]:
-    out = root / f"ours-{data.name}"
+    out = root / f"ours-{data.name}-b{budget >> 20}"
     result_path = out / "bench-build.json"
     if reuse and result_path.is_file():
         print(f"ours: reusing the build in {out} (--reuse-builds; its numbers are from then)")
@@ -161,14 +172,14 @@ def build_ours(root: Path, data: Path, budget: int, reuse: bool) -> tuple[dict, 
     out.mkdir(parents=True)
     result = run_json([sys.executable, __file__, "--child-build", str(data), str(out),
                        "--budget-mb", str(budget >> 20), "--work-dir", str(root)],
-                      root / f"ours-{data.name}.log")
+                      root / f"ours-{data.name}-b{budget >> 20}.log")
     result_path.write_text(json.dumps(result))
     return result, out
 
 
 def build_autofaiss(root: Path, data: Path, index_memory: str, available: str,
                     reuse: bool) -> dict:
-    out = root / f"autofaiss-{data.name}"
+    out = root / f"autofaiss-{data.name}-{available}"
     result_path = out / "bench-build.json"
     if reuse and result_path.is_file():
         print(f"autofaiss: reusing the build in {out} (--reuse-builds; its numbers are from then)")
@@ -181,7 +192,7 @@ def build_autofaiss(root: Path, data: Path, index_memory: str, available: str,
     result = run_json([str(AUTOFAISS_PYTHON), str(Path(__file__).with_name("autofaiss_build.py")),
                        str(data / "npy"), str(out), "--max-index-memory-usage", index_memory,
                        "--current-memory-available", available, "--nb-cores", str(os.cpu_count())],
-                      root / f"autofaiss-{data.name}.log")
+                      root / f"autofaiss-{data.name}-{available}.log")
     result_path.write_text(json.dumps(result))
     return result
 
@@ -214,19 +225,6 @@ def measure(search_fn, xq: np.ndarray, I_exact: np.ndarray) -> tuple[float, floa
     I = search_fn(xq)
     qps = len(xq) / (time.perf_counter() - started)
     return knn_recall(I, I_exact, 1, 1), knn_recall(I, I_exact, 10, 10), qps
-
-
-def recall_table_ours(index, store, xq, I_exact, nprobes, rerank_ks) -> list[dict]:
-    from pipeline.index import search_rerank
-
-    rows = []
-    for nprobe in nprobes:
-        for rerank_k in (0, *rerank_ks):
-            r1, r10, qps = measure(lambda q, p=nprobe, rk=rerank_k: search_rerank(
-                index, q, 10, p, rk, store.lookup)[1], xq, I_exact)
-            rows.append({"index": "ours", "setting": f"nprobe={nprobe}", "nprobe": nprobe,
-                         "rerank_k": rerank_k, "r1": r1, "r10": r10, "qps": qps})
-    return rows
 
 
 def recall_table_autofaiss(index, store, xq, I_exact, settings, rerank_ks) -> list[dict]:
@@ -268,16 +266,6 @@ def autofaiss_settings(index, index_param: str | None, nprobes) -> list[tuple]:
     return settings
 
 
-def throughput(index, store, xq: np.ndarray, nprobe: int, rerank_k: int, k: int,
-               batch: int) -> float:
-    from pipeline.index import search_rerank
-
-    started = time.perf_counter()
-    for start in range(0, len(xq), batch):
-        search_rerank(index, xq[start:start + batch], k, nprobe, rerank_k, store.lookup)
-    return len(xq) / (time.perf_counter() - started)
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -301,24 +289,125 @@ def wait_for_quiet(threshold: float, max_s: float) -> None:
           f"{time.monotonic() - started:.0f}s for the 1-min value to drop below {threshold})")
 
 
+def ours_at_budget(root: Path, data: Path, args, budget_mb: int, xq: np.ndarray,
+                   I_exact: np.ndarray) -> dict:
+    """Build (plan + build + tune, in a child) and measure ours at its tuned setting."""
+    from pipeline.index import load_index, search_rerank
+    from pipeline.index_build import VectorStore
+
+    budget = budget_mb << 20
+    ours, ours_dir = build_ours(root, data, budget, args.reuse_builds)
+    plan, params = ours["plan"], ours["params"]
+    peak = ours["peak_rss_kib"] << 10
+    print(f"\n== budget {budget_mb} MiB ==\nours: plan {plan['factory']} -- {plan['reason']}")
+    print(f"ours: build {ours['seconds']:.1f}s (train {ours['train_s']:.1f}s, add "
+          f"{ours['add_s']:.1f}s), peak RSS {gib(peak)} (before planning "
+          f"{gib(ours['rss_after_imports_kib'] << 10)}, so the build added "
+          f"{gib(peak - (ours['rss_after_imports_kib'] << 10))} against an estimate of "
+          f"{gib(plan['build_bytes'])}; budget {gib(budget)}: "
+          f"{'within' if peak <= budget else 'OVER'}), index "
+          f"{gib(ours['sizes']['index.faiss'])} (estimate {gib(plan['estimated_bytes'])})")
+    print(f"ours: tuned in {ours['tune_s']:.1f}s on 1,000 gallery vectors (own id left out): "
+          f"nprobe {params['nprobe']}, efSearch {params['ef_search']}, rerank_k "
+          f"{params['rerank_k']} -> 10-recall@10 {params['recall_10_at_10']:.4f} "
+          f"({params['note']}); peak RSS after tuning "
+          f"{gib(ours['peak_rss_after_tune_kib'] << 10)} (incl. the mapped float store's pages)")
+    for r in ours["tune_rows"]:
+        print(f"  tune nprobe={r['nprobe']:<4} ef={r['ef_search']:<4} rerank={r['rerank_k']:<4} "
+              f"1-R@1 {r['recall_1_at_1']:.4f} 10-R@10 {r['recall_10_at_10']:.4f} "
+              f"{r['queries_per_s']:8.0f} q/s{'  <- chosen' if r['chosen'] else ''}")
+    store = VectorStore.open(ours_dir / "vectors.npy")
+    index = load_index(ours_dir / "index.faiss", expect_d=args.d, expect_ntotal=args.n)
+
+    def run(q: np.ndarray) -> np.ndarray:
+        return search_rerank(index, q, 10, params["nprobe"], params["rerank_k"], store.lookup,
+                             params["ef_search"])[1]
+
+    run(xq)  # untimed: the timed pass sees warm caches
+    r1, r10, qps = measure(run, xq, I_exact)
+    print(f"ours at the tuned setting on {len(xq)} queries not in the gallery: 1-recall@1 "
+          f"{r1:.4f}, 10-recall@10 {r10:.4f}, {qps:.0f} queries/s")
+    if args.throughput_queries:
+        xt = np.ascontiguousarray(np.load(data / "queries.npy", mmap_mode="r")
+                                  [:args.throughput_queries])
+        started = time.perf_counter()
+        for start in range(0, len(xt), args.batch):
+            run(xt[start:start + args.batch])
+        print(f"ours: score-stage throughput k=10: {len(xt) / (time.perf_counter() - started):.0f}"
+              f" queries/s over {len(xt)} queries")
+    return {"budget_mb": budget_mb, "who": "ours", "index": plan["factory"],
+            "setting": f"nprobe={params['nprobe']},ef={params['ef_search']},"
+                       f"rerank={params['rerank_k']}",
+            "build_s": ours["seconds"], "peak": peak, "index_bytes": ours["sizes"]["index.faiss"],
+            "r10": r10, "qps": qps}
+
+
+def autofaiss_at_budget(root: Path, data: Path, args, budget_mb: int, store, xq: np.ndarray,
+                        I_exact: np.ndarray) -> dict:
+    """Build autofaiss with the same budget and measure it at its own tuned setting."""
+    import faiss
+
+    # autofaiss refuses to plan an index above 90% of current_memory_available.
+    index_memory = args.autofaiss_index_memory or f"{budget_mb * 9 // 10}M"
+    af = build_autofaiss(root, data, index_memory, f"{budget_mb}M", args.reuse_builds)
+    print(f"autofaiss: index {af['index_key']}, tuned {af['index_param']}; build "
+          f"{af['seconds']:.1f}s, peak RSS {gib(af['peak_rss_kib'] << 10)}, index "
+          f"{gib(af['index_bytes'])} ({af['versions']})")
+    af_index = faiss.read_index(af["index_path"])
+    assert af_index.ntotal == store.n, (af_index.ntotal, store.n)
+    af_index_rows = recall_table_autofaiss(af_index, store, xq, I_exact, autofaiss_settings(
+        af_index, af["index_param"], (8, 32, 128)), ())
+    print_rows(af_index_rows)
+    tuned = next((r for r in af_index_rows if r["setting"].startswith("tuned")),
+                 af_index_rows[0])
+    return {"budget_mb": budget_mb, "who": "autofaiss", "index": af["index_key"],
+            "setting": tuned["setting"].removeprefix("tuned "), "build_s": af["seconds"],
+            "peak": af["peak_rss_kib"] << 10, "index_bytes": af["index_bytes"],
+            "r10": tuned["r10"], "qps": tuned["qps"]}
+
+
+def print_summary(summary: list[dict]) -> None:
+    """One table: every budget, ours and autofaiss side by side, ratios ours / autofaiss."""
+    print("\nbudget  who        index                          build s  peak RSS   in budget  "
+          "index bytes  10-R@10  queries/s")
+    for r in summary:
+        within = "yes" if r["peak"] <= r["budget_mb"] << 20 else "NO"
+        print(f"{r['budget_mb']:>6}  {r['who']:<10} {r['index'][:30]:<30} {r['build_s']:>7.1f}  "
+              f"{gib(r['peak']):>9}  {within:>9}  {gib(r['index_bytes']):>11}  {r['r10']:>7.4f}"
+              f"  {r['qps']:>9.0f}")
+    for budget in sorted({r["budget_mb"] for r in summary}, reverse=True):
+        pair = {r["who"]: r for r in summary if r["budget_mb"] == budget}
+        if len(pair) == 2:
+            o, a = pair["ours"], pair["autofaiss"]
+            print(f"{budget} MiB, ours / autofaiss: build time {o['build_s'] / a['build_s']:.2f},"
+                  f" peak RSS {o['peak'] / a['peak']:.2f}, index bytes "
+                  f"{o['index_bytes'] / a['index_bytes']:.2f}, 10-recall@10 "
+                  f"{o['r10'] / a['r10']:.3f}, queries/s {o['qps'] / a['qps']:.2f}; targets "
+                  f"(recall >=, q/s >=, RSS within budget): "
+                  f"{'met' if o['r10'] >= a['r10'] else 'NOT met'}, "
+                  f"{'met' if o['qps'] >= a['qps'] else 'NOT met'}, "
+                  f"{'met' if o['peak'] <= budget << 20 else 'NOT met'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--queries", type=int, default=1000, help="queries for recall")
-    parser.add_argument("--throughput-queries", type=int, default=100_000)
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--rerank-k", type=int, nargs="+", default=[100, 200])
-    parser.add_argument("--budget-mb", type=int, default=4096, help="index.max_memory_mb")
+    parser.add_argument("--throughput-queries", type=int, default=0,
+                        help="also time the score stage's search on this many (0 = skip)")
+    parser.add_argument("--budgets-mb", type=int, nargs="+", default=[4096, 1024, 256],
+                        help="index.max_memory_mb values, each built by both")
+    parser.add_argument("--budget-mb", type=int, default=4096, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=10_000, help="queries per search call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, required=True,
                         help="data and builds live here; data is reused between runs")
     parser.add_argument("--skip-autofaiss", action="store_true")
     parser.add_argument("--autofaiss-index-memory", default=None,
-                        help="its max_index_memory_usage (default: 90%% of --budget-mb, the "
-                        "most it accepts with current_memory_available = --budget-mb)")
+                        help="its max_index_memory_usage (default: 90%% of the budget, the "
+                        "most it accepts with current_memory_available = the budget)")
     parser.add_argument("--reuse-builds", action="store_true",
                         help="measure search on the builds of an earlier run (debugging)")
     parser.add_argument("--wait-load", type=float, default=0.5,
@@ -332,7 +421,6 @@ def main() -> None:
 
     import faiss
 
-    from pipeline.index import load_index
     from pipeline.index_build import VectorStore, exact_search
 
     started_all = time.perf_counter()
@@ -340,97 +428,32 @@ def main() -> None:
           f"({faiss.omp_get_max_threads()} threads), numpy {np.__version__}; "
           f"load average at start {os.getloadavg()}")
     root = args.work_dir.resolve()
-    n_queries = max(args.queries, args.throughput_queries)
-    data = ensure_data(root, args.n, args.d, args.shards, n_queries, args.seed)
-    budget = args.budget_mb << 20
-    if not args.reuse_builds:
-        wait_for_quiet(args.wait_load, args.wait_max_s)
-
-    ours, ours_dir = build_ours(root, data, budget, args.reuse_builds)
-    print(f"load average after our build {os.getloadavg()}")
-    plan = ours["plan"]
-    print(f"ours: plan {plan['factory']} -- {plan['reason']}")
-    index_bytes, vectors_bytes = ours["sizes"]["index.faiss"], ours["sizes"]["vectors.npy"]
-    peak = ours["peak_rss_kib"] << 10
-    print(f"ours: build {ours['seconds']:.1f}s (train {ours['train_s']:.1f}s incl. reading the "
-          f"sample, add {ours['add_s']:.1f}s incl. reading + vector store), peak RSS "
-          f"{gib(peak)} (before planning {gib(ours['rss_after_imports_kib'] << 10)}; budget "
-          f"{gib(budget)}: {'within' if peak <= budget else 'OVER'}), index {gib(index_bytes)} "
-          f"({index_bytes} B; plan estimate {gib(plan['estimated_bytes'])}), vector store "
-          f"{gib(vectors_bytes)} + ids {gib(ours['sizes']['ids.npy'])}")
-
-    store = VectorStore.open(ours_dir / "vectors.npy")
-    xq_all = np.load(data / "queries.npy", mmap_mode="r")
-    xq = np.ascontiguousarray(xq_all[:args.queries])
-    started = time.perf_counter()
-    _, I_exact = exact_search(store, xq, 10)
-    print(f"exact brute force: {len(xq)} queries x {store.n} vectors in "
-          f"{time.perf_counter() - started:.1f}s")
-
-    index = load_index(ours_dir / "index.faiss", expect_d=args.d, expect_ntotal=args.n)
-    # One untimed pass first: the timed ones then see the same warm caches.
-    recall_table_ours(index, store, xq, I_exact, args.nprobe[-1:], args.rerank_k[-1:])
-    rows = recall_table_ours(index, store, xq, I_exact, args.nprobe, args.rerank_k)
-    print(f"\nrecall of {len(xq)} queries (not in the gallery) against exact search; queries/s "
-          "= one search call over them, re-ranking included:")
-    print_rows(rows)
-
-    ours_rows = [r for r in rows if r["index"] == "ours"]
-    good = [r for r in ours_rows if r["rerank_k"] and r["r10"] >= TARGET_RECALL]
-    chosen = min(good, key=lambda r: (r["nprobe"], r["rerank_k"])) if good else max(
-        (r for r in ours_rows if r["rerank_k"]), key=lambda r: r["r10"])
-    print(f"\nchosen: nprobe={chosen['nprobe']}, rerank_k={chosen['rerank_k']} -> 10-recall@10 "
-          f"{chosen['r10']:.4f}, 1-recall@1 {chosen['r1']:.4f} (target >= {TARGET_RECALL}: "
-          f"{'met' if good else 'NOT met; best shown'})")
-
-    xt = np.ascontiguousarray(xq_all[:args.throughput_queries])
-    for k in (10, MAP_K):
-        rerank_k = max(chosen["rerank_k"], k)
-        qps = throughput(index, store, xt, chosen["nprobe"], rerank_k, k, args.batch)
-        print(f"score-stage throughput: search_rerank k={k}, nprobe={chosen['nprobe']}, "
-              f"rerank_k={rerank_k}: {len(xt)} queries at {qps:.0f} queries/s "
-              f"({len(xt) / qps:.1f}s, batches of {args.batch})")
-
-    # autofaiss last: a run cut short still has every number of ours.
-    af = None
-    if not args.skip_autofaiss:
-        # autofaiss refuses to plan an index above 90% of current_memory_available.
-        index_memory = args.autofaiss_index_memory or f"{args.budget_mb * 9 // 10}M"
-        print(f"autofaiss: max_index_memory_usage={index_memory}, "
-              f"current_memory_available={args.budget_mb}M; load average {os.getloadavg()}")
-        af = build_autofaiss(root, data, index_memory, f"{args.budget_mb}M", args.reuse_builds)
-        print(f"autofaiss: index {af['index_key']}, tuned search params {af['index_param']}; "
-              f"build {af['seconds']:.1f}s, peak RSS {gib(af['peak_rss_kib'] << 10)}, "
-              f"index {gib(af['index_bytes'])} ({af['versions']})")
-        for phase, seconds in af["phases"]:
-            print(f"autofaiss:   {seconds:8.1f}s  {phase}")
-
-    if af is not None:
-        af_index = faiss.read_index(af["index_path"])
-        assert af_index.ntotal == store.n, (af_index.ntotal, store.n)
-        af_rows = recall_table_autofaiss(af_index, store, xq, I_exact, autofaiss_settings(
-            af_index, af["index_param"], args.nprobe), args.rerank_k)
-        rows += af_rows
-        print(f"\nautofaiss recall on the same {len(xq)} queries (ids mapped from its positions):")
-        print_rows(af_rows)
-        print("\nours vs autofaiss (ratio = ours / autofaiss):")
-        print(f"  build time  {ours['seconds']:.1f}s vs {af['seconds']:.1f}s = "
-              f"{ours['seconds'] / af['seconds']:.2f}")
-        print(f"  peak RSS    {gib(ours['peak_rss_kib'] << 10)} vs {gib(af['peak_rss_kib'] << 10)}"
-              f" = {ours['peak_rss_kib'] / af['peak_rss_kib']:.2f}")
-        print(f"  index bytes {gib(index_bytes)} vs {gib(af['index_bytes'])} = "
-              f"{index_bytes / af['index_bytes']:.3f}; with our vector store "
-              f"{gib(index_bytes + vectors_bytes)} = "
-              f"{(index_bytes + vectors_bytes) / af['index_bytes']:.3f}")
-        tuned = [r for r in af_rows if r["setting"].startswith("tuned")] or af_rows
-        for rerank_k in (0, *args.rerank_k):
-            mine = next(r for r in ours_rows if r["nprobe"] == chosen["nprobe"]
-                        and r["rerank_k"] == rerank_k)
-            theirs = next(r for r in tuned if r["rerank_k"] == rerank_k)
-            print(f"  10-recall@10, rerank_k={rerank_k}: ours nprobe={chosen['nprobe']} "
-                  f"{mine['r10']:.4f} ({mine['qps']:.0f} q/s) vs autofaiss {theirs['setting']} "
-                  f"{theirs['r10']:.4f} ({theirs['qps']:.0f} q/s) = "
-                  f"{mine['r10'] / theirs['r10']:.3f}")
+    data = ensure_data(root, args.n, args.d, args.shards,
+                       max(args.queries, args.throughput_queries), args.seed)
+    xq = np.ascontiguousarray(np.load(data / "queries.npy", mmap_mode="r")[:args.queries])
+    summary, I_exact, store = [], None, None
+    for budget_mb in args.budgets_mb:
+        if not args.reuse_builds:
+            wait_for_quiet(args.wait_load, args.wait_max_s)
+        try:
+            if I_exact is None:  # ground truth once, from the first build's float store
+                _, ours_dir = build_ours(root, data, budget_mb << 20, args.reuse_builds)
+                store = VectorStore.open(ours_dir / "vectors.npy")
+                started = time.perf_counter()
+                _, I_exact = exact_search(store, xq, 10)
+                print(f"exact brute force: {len(xq)} queries x {store.n} vectors in "
+                      f"{time.perf_counter() - started:.1f}s")
+                args.reuse_builds, reuse = True, args.reuse_builds  # measured just below
+                summary.append(ours_at_budget(root, data, args, budget_mb, xq, I_exact))
+                args.reuse_builds = reuse
+            else:
+                summary.append(ours_at_budget(root, data, args, budget_mb, xq, I_exact))
+        except RuntimeError as error:  # e.g. refused up front: nothing fits the budget
+            print(f"ours at {budget_mb} MiB: {error}")
+        # autofaiss after ours at each budget: a run cut short still has ours.
+        if not args.skip_autofaiss:
+            summary.append(autofaiss_at_budget(root, data, args, budget_mb, store, xq, I_exact))
+    print_summary(summary)
     search_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
     print(f"\nsearch process peak RSS {gib(search_peak)}; total "
           f"{time.perf_counter() - started_all:.0f}s; load average at end {os.getloadavg()}")
