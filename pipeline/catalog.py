@@ -224,8 +224,8 @@ class Catalog:
                 "SELECT count(*) FROM units WHERE stage = ? AND fingerprint = ?",
                 [stage, fingerprint],
             ).fetchone()[0]
-            if planned:  # another process planned first; the first plan stands
-                return
+            if planned or not units:  # another process planned first (its plan stands);
+                return                    # or nothing to do (train with no trained method)
             con.executemany(
                 "INSERT INTO units (stage, unit_key, fingerprint, status, params_json) "
                 "VALUES (?, ?, ?, 'pending', ?)",
