@@ -10,7 +10,9 @@ setup. By hand:
 The JSON line holds the wall time of `autofaiss.build_index` (everything it does: reading,
 choosing the index, training, adding, tuning its search parameters, its own metrics, saving),
 the time of each phase autofaiss logs (`>>> Finished "..." in N secs`), the chosen index key
-and search parameters, the index size and this process's peak RSS (`ru_maxrss`).
+and search parameters, the index size and this process's peak RSS (VmHWM; `ru_maxrss` is
+carried over from the parent process across fork + execve on Linux, so it can report the
+parent's RSS instead).
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ import time
 from pathlib import Path
 
 FINISHED = re.compile(r'>>> Finished "(.*)" in ([0-9.]+) secs')
+
+
+def peak_rss_kib() -> int:
+    """Peak RSS of this process's address space (VmHWM), KiB; ru_maxrss where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 class PhaseTimes(logging.Handler):
@@ -70,7 +83,7 @@ def main() -> None:
     infos = json.loads(infos_path.read_text()) if infos_path.is_file() else {}
     print(json.dumps({
         "seconds": seconds,
-        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "peak_rss_kib": peak_rss_kib(),
         "index_path": str(index_path),
         "index_bytes": index_path.stat().st_size,
         "index_key": infos.get("index_key"),
