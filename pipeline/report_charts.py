@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # never a GUI backend, even where a display is set
 
 from matplotlib.figure import Figure  # noqa: E402
 
+POOLED = "single styles"  # pipeline.commands.SINGLE_STYLES (not imported: no catalog here)
 STYLE = {"font.size": 9, "axes.titlesize": 10, "svg.hashsalt": "fsr-pipe",
          "axes.spines.top": False, "axes.spines.right": False}
 
@@ -66,7 +67,9 @@ def recall_bars(rows: Sequence[dict], methods: Sequence[tuple[str, str]], title:
 def paired_bars(rows: Sequence[dict], labels: dict[str, str], title: str) -> str:
     """A panel per other method, a line per query set: wins (queries only the first method
     finds) to the right, losses to the left. rows: paired_table rows of one protocol and K."""
-    sets = sorted({(r["style"], r["fusion"]) for r in rows}, key=lambda s: (s[1] != "none", s))
+    # Single styles first, their pooled line ("single styles") last of them, then the pairs.
+    sets = sorted({(r["style"], r["fusion"]) for r in rows},
+                  key=lambda s: (s[1] != "none", s[0] == POOLED, s))
     versus = sorted({r["versus"] for r in rows})
     by = {(r["style"], r["fusion"], r["versus"]): r for r in rows}
     reach = max([1, *(max(r["wins"], r["losses"]) for r in rows)]) * 1.15
