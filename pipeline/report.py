@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 REPORT_FILE = "report.html"
-VERSION = "1"  # bump when the page changes, so `run all` rewrites older reports
+VERSION = "2"  # bump when the page changes, so `run all` rewrites older reports
 STAMP = re.compile(rb'<meta name="fsr-pipe-report" content="([^"]*)"')
 THUMB_PX = 96
 EXAMPLES = 3      # best and worst queries shown per style
@@ -303,9 +303,10 @@ def _charts(data: ReportData, shorts: dict[str, str], charts: Any) -> dict[str, 
     if data.style_xy:
         out["style-space"] = charts.style_space(data.style_xy, data.style_labels,
                                                 data.style_clusters)
-    ivf = [r for r in data.index_recall if r["nprobe"] > 0]
-    if ivf:
-        out["index-recall"] = charts.index_recall(ivf, shorts)
+    for chart, knob in (("index-recall", "nprobe"), ("index-recall-hnsw", "ef_search")):
+        tuned = [r for r in data.index_recall if (r.get(knob) or 0) > 0]
+        if tuned:
+            out[chart] = charts.index_recall(tuned, shorts, knob)
     return out
 
 
@@ -325,5 +326,5 @@ def _recall_tables(data: ReportData) -> dict[str, dict]:
 
 
 def _flat_index(rows: list[dict]) -> bool:
-    """Every index is exact (no IVF): recall vs nprobe has nothing to plot."""
-    return bool(rows) and all(r["nprobe"] == 0 for r in rows)
+    """No index has a search knob (neither IVF nor HNSW): nothing to plot."""
+    return bool(rows) and all(not r.get("nprobe") and not r.get("ef_search") for r in rows)

@@ -134,20 +134,20 @@ def style_space(xy: Sequence[Sequence[float]], styles: Sequence[str],
         return to_data_uri(fig)
 
 
-def index_recall(rows: Sequence[dict], labels: dict[str, str]) -> str:
-    """10-recall@10 against exact search vs nprobe, a line per method and re-ranking depth
-    (index_recall rows with nprobe > 0)."""
+def index_recall(rows: Sequence[dict], labels: dict[str, str], knob: str = "nprobe") -> str:
+    """10-recall@10 against exact search vs a search knob (`nprobe` for IVF, `ef_search` for
+    HNSW), a line per method and re-ranking depth (index_recall rows with knob > 0)."""
     with matplotlib.rc_context(STYLE):
         fig = _figure(6.5, 3.0)
         ax = fig.subplots()
         for method, rerank in sorted({(r["method"], r["rerank_k"]) for r in rows}):
             mine = sorted((r for r in rows if (r["method"], r["rerank_k"]) == (method, rerank)),
-                          key=lambda r: r["nprobe"])
+                          key=lambda r: r[knob])
             suffix = f", re-rank {rerank}" if rerank else ""
-            ax.plot([r["nprobe"] for r in mine], [r["recall_10_at_10"] for r in mine], "o-",
+            ax.plot([r[knob] for r in mine], [r["recall_10_at_10"] for r in mine], "o-",
                     label=f"{labels.get(method, method)}{suffix}")
         ax.set_xscale("log", base=2)
-        ax.set(title="index recall vs nprobe", xlabel="nprobe", ylabel="10-recall@10",
+        ax.set(title=f"index recall vs {knob}", xlabel=knob, ylabel="10-recall@10",
                ylim=(0, 1.05))
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)

@@ -366,3 +366,21 @@ def test_charts_are_svg_images() -> None:
         [{"method": "freestyle", "rerank_k": r, "nprobe": n, "recall_10_at_10": n / 8}
          for r in (0, 50) for n in (1, 2, 4, 8)], {"freestyle": "FSR"})
     assert again == uri  # no date, fixed ids: the same data gives the same bytes
+
+
+def test_render_of_an_hnsw_run_with_no_other_results() -> None:
+    """render alone, on made-up data: an HNSW index gets its recall-vs-ef_search chart (no
+    'exact' note); absent sections say so instead of failing."""
+    rows = [{"method": "freestyle", "factory": "HNSW32", "nprobe": 0, "ef_search": ef,
+             "rerank_k": 0, "recall_1_at_1": 0.9, "recall_10_at_10": 0.8 + ef / 1000,
+             "queries_per_s": 1000.0, "chosen": ef == 64} for ef in (16, 64, 128)]
+    data = report.ReportData(stamp="score-x-v0", work_dir="/nowhere",
+                             methods=[("freestyle", "FreestyleRet")], recall=[], paired=[],
+                             history=[], cluster_quality=[], index_recall=rows)
+    page = Page(report.render(data))
+    assert {i for i, a in page.ids.items() if a["tag"] == "img"} == {"chart-index-recall-hnsw"}
+    assert {"no-paired", "no-training", "no-failures", "table-index"} <= page.ids.keys()
+    assert "flat-index" not in page.ids
+    assert "✓ searched with" in "".join(page.text)
+    html = report.render(data)
+    assert report.STAMP.search(html.encode()).group(1).decode() == "score-x-v0"
