@@ -29,21 +29,22 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.config import Config, ConfigError, load_config
-from pipeline.executors import HandedOff
-from pipeline.models import WeightsError
 from pipeline.progress import console
-from pipeline.stage import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.commands import StageReport
+    from pipeline.config import Config
 
 # Commands import what they compute with when they run (pipeline.commands: DuckDB; the stages'
 # compute: torch, open_clip, faiss), so `--help`, `status` and `sql` start in a fraction of a
 # second (docs/benchmarks.md, CLI start-up).
 
+# rich_markup_mode=None: plain help and usage errors. Typer's rich help loads ~60 ms of
+# formatting modules (markdown_it, rich.markdown) before printing a line, which alone would
+# break the --help start-up target (docs/benchmarks.md, CLI start-up).
 app = typer.Typer(help="fsr-pipe: style-diversified image retrieval (FreestyleRet) as a "
-                  "resumable batch pipeline.", no_args_is_help=True, add_completion=False)
+                  "resumable batch pipeline.", no_args_is_help=True, add_completion=False,
+                  rich_markup_mode=None)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="pipeline.toml to use.")]
 SetOption = Annotated[list[str] | None, typer.Option(
@@ -83,6 +84,8 @@ def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) 
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     for name in ("pipeline", "stages"):
         logging.getLogger(name).setLevel(level)
+    from pipeline.config import load_config
+
     return load_config(config_path, overrides or [])
 
 
@@ -105,15 +108,19 @@ def _on_sigterm(main_pid: int):  # noqa: ANN202
     return handler
 
 
+def _loaded(*names: tuple[str, str]) -> tuple[type[Exception], ...]:
+    """The exception classes (module, class) of the modules loaded so far: one of a module not
+    loaded cannot have been raised, so it is not imported to be caught (imports cost start-up
+    time: docs/benchmarks.md, CLI start-up)."""
+    return tuple(getattr(sys.modules[module], name) for module, name in names
+                 if module in sys.modules)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
-    """The errors that say what to fix (one red line, exit 1). Those of modules not loaded yet
-    cannot have been raised, so they are not imported to be caught."""
-    errors: list[type[Exception]] = [PipelineError, WeightsError, FileNotFoundError]
-    for module, name in (("pipeline.catalog", "CatalogBusy"),
-                         ("pipeline.data.sources", "SourceError")):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
+    """The errors that say what to fix (one red line, exit 1)."""
+    return (FileNotFoundError, *_loaded(
+        ("pipeline.stage", "PipelineError"), ("pipeline.models", "WeightsError"),
+        ("pipeline.catalog", "CatalogBusy"), ("pipeline.data.sources", "SourceError")))
 
 
 def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signature
@@ -127,12 +134,13 @@ def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signatur
             previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
         try:
             return fn(*args, **kwargs)
-        except HandedOff as exc:  # e.g. Slurm scripts written for the user to submit
-            console.print(escape(str(exc)), highlight=False)
-            raise typer.Exit(0) from None
-        except ConfigError as exc:
-            _fail(exc, 2)
         except Exception as exc:
+            if isinstance(exc, _loaded(("pipeline.executors.base", "HandedOff"))):
+                # e.g. Slurm scripts written for the user to submit
+                console.print(escape(str(exc)), highlight=False)
+                raise typer.Exit(0) from None
+            if isinstance(exc, _loaded(("pipeline.config", "ConfigError"))):
+                _fail(exc, 2)
             if not isinstance(exc, _user_errors()):
                 raise
             _fail(exc, 1)
