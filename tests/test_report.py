@@ -384,3 +384,31 @@ def test_render_of_an_hnsw_run_with_no_other_results() -> None:
     assert "✓ searched with" in "".join(page.text)
     html = report.render(data)
     assert report.STAMP.search(html.encode()).group(1).decode() == "score-x-v0"
+
+
+def test_slurm_hand_off_writes_no_report(finished, tmp_path, monkeypatch) -> None:
+    """`run all --executor slurm` without --submit stops at the first stage to run (here
+    score, for new ks) with the script to submit: no report, the old one untouched."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 0\n")  # on PATH; never called
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    config = load_config(finished, [METHODS])
+    path = config.work_dir / "report.html"
+    commands.report(all_stages, config, if_stale=True)
+    before = path.read_bytes()
+    result = CliRunner().invoke(app, ["run", "all", "--config", str(finished), "--set", METHODS,
+                                      "--set", "score.ks=[1, 2]", "--executor", "slurm"])
+    assert result.exit_code == 0, result.output
+    assert "sbatch" in result.output and "Report:" not in result.output
+    assert path.read_bytes() == before
+    variant = load_config(finished, [METHODS, "score.ks=[1, 2]"])
+    with pytest.raises(PipelineError, match="score stage has not finished"):
+        report.write(all_stages, variant, tmp_path / "variant.html")
+
+
+def test_no_chromium_skips_with_the_reason(monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match="Chromium is not installed"):
+        chromium()
