@@ -376,8 +376,13 @@ def test_render_of_an_hnsw_run_with_no_other_results() -> None:
              "queries_per_s": 1000.0, "chosen": ef == 64} for ef in (16, 64, 128)]
     data = report.ReportData(stamp="score-x-v0", work_dir="/nowhere",
                              methods=[("freestyle", "FreestyleRet")], recall=[], paired=[],
-                             history=[], cluster_quality=[], index_recall=rows)
+                             history=[], cluster_quality=[], index_recall=rows,
+                             example_method="freestyle", examples={"text": {"best": [
+                                 report.Example(7, None, "<script>alert(1)</script>", None,
+                                                None, [])], "worst": []}})
     page = Page(report.render(data))
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in report.render(data)  # autoescaped
+    assert page.classes.count("querytext") == 1 and "not found" in "".join(page.text)
     assert {i for i, a in page.ids.items() if a["tag"] == "img"} == {"chart-index-recall-hnsw"}
     assert {"no-paired", "no-training", "no-failures", "table-index"} <= page.ids.keys()
     assert "flat-index" not in page.ids
