@@ -81,6 +81,23 @@ def read_shard(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
     return ids, arrow_to_vectors(table["embedding"]).astype(np.float32, copy=False)
 
 
+def release_memory() -> None:
+    """Hand freed memory back to the OS after a shard: Arrow's pool (mimalloc / jemalloc) and
+    glibc's heap keep freed shard-sized buffers resident otherwise (measured at 100k x 512:
+    +175 MiB of RSS after reading 10 shards of 20 MB), which the build's budget cannot afford."""
+    import ctypes
+    import ctypes.util
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "malloc_trim"):  # glibc only
+            libc.malloc_trim(0)
+
+
 def shard_dim(shard: Shard) -> int:
     """Embedding dimension of a shard, from its Parquet schema."""
     field = pq.read_schema(shard.path).field("embedding")
@@ -202,6 +219,7 @@ def _training_sample(shards: Sequence[Shard], size: int, seed: int,
         if len(mine):
             xt[filled:filled + len(mine)] = read_shard(shard)[1][mine]
             filled += len(mine)
+            release_memory()
         on_shard(1)
     assert filled == len(rows)
     return xt
@@ -294,6 +312,8 @@ def build_index(
         store.write(start, x)
         all_ids[start:start + len(ids)] = ids
         add_shard(index, ids, x)
+        del x
+        release_memory()
         added.append(shard.key)
         tick("add", len(ids))
         if time.monotonic() - last_checkpoint >= checkpoint_s and len(added) < len(shards):
