@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # never a GUI backend, even where a display is set
 
+from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 POOLED = "single styles"  # pipeline.commands.SINGLE_STYLES (not imported: no catalog here)
@@ -146,7 +147,14 @@ def index_recall(rows: Sequence[dict], labels: dict[str, str], knob: str = "npro
             suffix = f", re-rank {rerank}" if rerank else ""
             ax.plot([r[knob] for r in mine], [r["recall_10_at_10"] for r in mine], "o-",
                     label=f"{labels.get(method, method)}{suffix}")
+        chosen = [r for r in rows if r.get("chosen")]
+        if chosen:  # the setting the index stage tuned and score searched with
+            ax.scatter([r[knob] for r in chosen], [r["recall_10_at_10"] for r in chosen], s=160,
+                       facecolors="none", edgecolors="black", label="chosen", zorder=3)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r[knob] for r in rows}))  # the values measured, as numbers
+        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.set(title=f"index recall vs {knob}", xlabel=knob, ylabel="10-recall@10",
                ylim=(0, 1.05))
         ax.grid(alpha=0.3)
