@@ -336,3 +336,20 @@ def test_option_errors(finished, tmp_path) -> None:
     one_red_line(cli("--queries", str(tmp_path / "absent.csv"), config=finished), 1,
                  "no query file")
     assert cli("--k", "0", "--text", "x", config=finished).exit_code == 2  # typer: min=1
+
+
+def test_query_help_loads_no_model_code() -> None:
+    """`fsr-pipe query --help` stays instant: torch, open_clip and faiss load in the command."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    code = ("import sys\nfrom pipeline.cli import app\n"
+            "try:\n    app(['query', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in ('torch', 'open_clip', 'faiss') "
+            "if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    assert "--queries" in done.stdout and "LOADED []" in done.stdout, done.stdout + done.stderr
