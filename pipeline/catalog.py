@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -359,14 +360,17 @@ class Catalog:
             for spec, body in zip(specs, _view_bodies(con, specs)):
                 con.execute(f"CREATE OR REPLACE VIEW {spec.name} AS {body}")
 
-    def query_plans(self, sql: str, plans: Sequence[PlanRow], specs: Sequence[ViewSpec],
-                    arrow: bool = True) -> Any:
+    def query_plans(self, sql: str | Sequence[str], plans: Sequence[PlanRow],
+                    specs: Sequence[ViewSpec], arrow: bool = True) -> Any:
         """Run `sql` read-only as if `plans` were the current plans: an Arrow table, or with
-        arrow=False (column names, rows as tuples), which needs no pyarrow.
+        arrow=False (column names, rows as tuples), which needs no pyarrow. A list of
+        queries: a list of results, from one connection.
 
         Temporary views named `stages` and after every spec shadow the stored ones for this
         connection only, so the views of views.sql and the artifact views all follow `plans`
-        (the config a user passes to `fsr-pipe sql`), not the plans of the last run.
+        (the config a user passes to `fsr-pipe sql`), not the plans of the last run. Only the
+        artifact views `sql` names are made: each reads its Parquet files' schemas (the views
+        of views.sql read tables, never artifact views).
         """
         # Its temporary views would shadow `stages` for the rest of a held connection.
         assert self._held is None, "query_plans opens its own read-only connection"
@@ -385,12 +389,20 @@ class Catalog:
                 f"LEFT JOIN {db}.main.stages s USING (stage, fingerprint) WHERE EXISTS (SELECT 1 "
                 f"FROM {db}.main.units u WHERE u.stage = p.stage AND u.fingerprint = p.fingerprint)"
             )
-            for spec, body in zip(specs, _view_bodies(con, specs)):
+            queries = [sql] if isinstance(sql, str) else list(sql)
+            named = [spec for spec in specs if any(
+                re.search(rf"\b{re.escape(spec.name)}\b", q, re.IGNORECASE) for q in queries)]
+            for spec, body in zip(named, _view_bodies(con, named)):
                 con.execute(f"CREATE TEMP VIEW {spec.name} AS {body}")
-            relation = con.sql(sql)
-            if relation is None:  # a statement that returns nothing
-                raise duckdb.InvalidInputException(f"not a query (it returns no rows): {sql}")
-            return _to_arrow(relation) if arrow else (relation.columns, relation.fetchall())
+            results = []
+            for query in queries:
+                relation = con.sql(query)
+                if relation is None:  # a statement that returns nothing
+                    raise duckdb.InvalidInputException(
+                        f"not a query (it returns no rows): {query}")
+                results.append(_to_arrow(relation) if arrow
+                               else (relation.columns, relation.fetchall()))
+            return results[0] if isinstance(sql, str) else results
 
 
 def _view_bodies(con: duckdb.DuckDBPyConnection, specs: Sequence[ViewSpec]) -> list[str]:

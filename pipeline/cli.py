@@ -177,11 +177,13 @@ def run_cmd(
     reports = commands.run(all_stages, cfg, [target])
     _print_reports(reports)
     same = _same_config(config, overrides)
-    recall = commands.recall_table(all_stages, cfg) if target in ("all", "score") else None
-    if recall is not None and len(recall):
+    # The run returned, so every stage up to the target is done: score's tables can be read.
+    tables = (commands.result_tables(all_stages, cfg, finished=True)
+              if target in ("all", "score") else None)
+    recall, paired = tables if tables is not None else (None, [])
+    if recall:
         typer.echo(_render(_recall_view(recall, cfg)))
         typer.echo(f"Again, or as data: fsr-pipe sql \"{commands.recall_sql(cfg)}\"{same}")
-        paired = commands.paired_table(all_stages, cfg)
         if paired:
             typer.echo(_render(_paired_view(paired, cfg)))
             typer.echo(f"Wins and losses at every K: fsr-pipe sql "

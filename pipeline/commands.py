@@ -135,19 +135,30 @@ def status(factory: StageFactory, config: Config) -> list[StageStatus]:
 
 def _status(catalog: Catalog, stages: list, expected: dict[str, str],
             config: Config) -> list[StageStatus]:
-    planned = {(name, fp) for name, fp in catalog.rows(
-        "SELECT DISTINCT stage, fingerprint FROM units")}
-    new = {s.name: ingest_records(catalog, s.name, expected[s.name], config.work_dir)
-           for s in stages if (s.name, expected[s.name]) in planned}
+    # A few queries for all stages, not a few per stage: each costs milliseconds.
+    known: dict[str, dict[str, str]] = {}  # current plans: stage -> unit key -> status
+    pairs = ", ".join("(?, ?)" for _ in expected)
+    for name, key, state in catalog.rows(
+            f"SELECT stage, unit_key, status FROM units WHERE (stage, fingerprint) IN ({pairs})",
+            [v for pair in expected.items() for v in pair]):
+        known.setdefault(name, {})[key] = state
+    new = {s.name: ingest_records(catalog, s.name, expected[s.name], config.work_dir,
+                                  status=known[s.name])
+           for s in stages if s.name in known}
     if fresh := [v for s in stages if new.get(s.name) for v in s.views]:
         catalog.refresh_views(fresh)  # a plain duckdb client sees the workers' files too
     counts = catalog.rows(
         "SELECT stage, fingerprint, status, count(*), coalesce(sum(rows), 0), "
         "coalesce(sum(seconds), 0) FROM units GROUP BY ALL"
     )
-    not_done = [row for row in catalog.rows(
-        "SELECT stage, unit_key, status, fingerprint FROM units WHERE status <> 'done'")
-        if row[3] == expected.get(row[0])]
+    if any(new.values()):  # records just ingested changed some states
+        not_done = [row[:3] for row in catalog.rows(
+            "SELECT stage, unit_key, status, fingerprint FROM units WHERE status <> 'done'")
+            if row[3] == expected.get(row[0])]
+    else:
+        not_done = [(name, key, state) for name, units in known.items()
+                    for key, state in units.items() if state != "done"]
+    with_failures = set(catalog.rows("SELECT DISTINCT stage, fingerprint FROM item_failures"))
     result = []
     for stage in stages:
         st = StageStatus(stage.name, expected[stage.name], False, notes=stage.notes(config),
@@ -162,11 +173,12 @@ def _status(catalog: Catalog, stages: list, expected: dict[str, str],
             setattr(st, state, getattr(st, state) + n)
             st.rows += rows
             st.seconds += seconds
-        if st.planned and st.done and (excess := too_many_failures(
-                catalog, stage.name, st.fingerprint, config.data.max_failure_ratio)):
+        if st.planned and st.done and (stage.name, st.fingerprint) in with_failures and (
+                excess := too_many_failures(catalog, stage.name, st.fingerprint,
+                                            config.data.max_failure_ratio)):
             st.note(f"{failure_summary(*excess, config.data.max_failure_ratio)}: stages "
                     "after it do not run (see failures_by_reason)")
-        states = {key: state for name, key, state, _ in not_done if name == stage.name}
+        states = {key: state for name, key, state in not_done if name == stage.name}
         leases = read_leases(config.work_dir / stage.name / st.fingerprint) if states else {}
         for key in sorted(set(states) & set(leases)):
             lease = leases[key]
@@ -247,11 +259,12 @@ def reset(factory: StageFactory, config: Config, stage: str) -> list[str]:
     return names
 
 
-def sql(factory: StageFactory, config: Config, query: str,
-        arrow: bool = True) -> pa.Table | tuple[list[str], list[tuple]]:
+def sql(factory: StageFactory, config: Config, query: str | list[str],
+        arrow: bool = True) -> pa.Table | tuple[list[str], list[tuple]] | list:
     """Run a query against the run's catalog (read-only), its `stages` table and views showing
     the plans of `config` (not those of whichever config ran last). arrow=False: (column
-    names, rows), without loading pyarrow (`fsr-pipe sql` printing a table)."""
+    names, rows), without loading pyarrow (`fsr-pipe sql` printing a table). A list of
+    queries: a list of results (one connection)."""
     catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
     stages = factory()
     views = [v for s in stages for v in s.views]
@@ -278,6 +291,18 @@ def recall_table(factory: StageFactory, config: Config) -> list[dict] | None:
     if not score_finished(factory, config):
         return None
     return _dicts(sql(factory, config, recall_sql(config), arrow=False))
+
+
+def result_tables(factory: StageFactory, config: Config,
+                  finished: bool = False) -> tuple[list[dict], list[dict]] | None:
+    """(recall_table, paired_table) from one connection, what `run` prints at its end; None
+    when the score stage has not finished for this config. finished: the caller knows it has
+    (a run that just completed it), so the status check is skipped."""
+    if not (finished or score_finished(factory, config)):
+        return None
+    recall, paired = sql(factory, config, [recall_sql(config), paired_sql(config)],
+                         arrow=False)
+    return _dicts(recall), with_pooled_and_p(_dicts(paired))
 
 
 def _dicts(result: tuple[list[str], list[tuple]]) -> list[dict]:

@@ -133,10 +133,13 @@ def upstream_inputs(catalog: Catalog, stage: Stage, fingerprints: dict[str, str]
 
 
 def ingest_records(catalog: Catalog, stage: str, fingerprint: str, work_dir: Path,
-                   records: list[UnitRecord] | None = None) -> int:
+                   records: list[UnitRecord] | None = None,
+                   status: dict[str, str] | None = None) -> int:
     """Copy the stage plan's records that are not in the catalog yet (or `records`, just
-    received) into it; records that do not count are logged and left out. Returns units."""
-    status = catalog.unit_status(stage, fingerprint)
+    received) into it; records that do not count are logged and left out. Returns units.
+    `status`: the plan's unit key -> status, when the caller has just read it."""
+    if status is None:
+        status = catalog.unit_status(stage, fingerprint)
     out_dir = work_dir / stage / fingerprint
     if records is None:
         records = read_records(out_dir, skip={k for k, s in status.items() if s == "done"})
@@ -316,13 +319,14 @@ class Runner:
         if note := stage.notes(self.config):
             log.warning("%s: %s", stage.name, note)
         with self.catalog.held():  # one connection for the bookkeeping, none while units run
+            switched = self.catalog.current_fingerprint(stage.name) != fp
             units = self.plan(stage)
             out_dir = work_dir / stage.name / fp
             leases = read_leases(out_dir)
             if removed := remove_stale_tmp(out_dir, leases, lease_s):
                 log.info("%s: removed %d temporary file(s) left by a crashed run", stage.name,
                          removed)
-            ingest_records(self.catalog, stage.name, fp, work_dir)
+            ingested = ingest_records(self.catalog, stage.name, fp, work_dir)
             status = {u.key: u for u in self.catalog.units(stage.name, fp)}
         report = StageReport(stage.name, fp, units=len(units))
         todo = [u for u in units if status[u.key].status != "done"]
@@ -342,7 +346,8 @@ class Runner:
             self._refresh_views(stage, quiet=True)
             raise
         with self.catalog.held():
-            self._refresh_views(stage)
+            if switched or ingested or report.ran:  # else its views show these files already
+                self._refresh_views(stage)
             if report.busy:
                 raise PipelineError(
                     f"stage {stage.name}: {len(report.busy)} unit(s) are being run by other "

@@ -213,7 +213,7 @@ def test_cli_shards_reset_and_csv(tiny_config):
     args = ["--config", str(tiny_config)]
     assert cli.invoke(app, ["run", "prepare", *args]).exit_code == 0
     result = cli.invoke(app, ["stage", "extract", "--shard", "-1", *args])
-    assert result.exit_code == 2 and "greater than or equal to 0" in result.output
+    assert result.exit_code == 2 and "'--shard': -1" in result.output, result.output
     result = cli.invoke(app, ["stage", "ingest", "--shard", "0", *args])
     assert result.exit_code == 1 and "is not sharded" in result.output, result.output
     result = cli.invoke(app, ["stage", "bogus", *args])  # was "Nothing to do", exit 0
