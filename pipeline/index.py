@@ -73,7 +73,8 @@ def _vectors(name: str, x: np.ndarray, d: int, unit: bool) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != d:
         raise ValueError(f"{name} must be a (n, {d}) array; got shape {x.shape}")
     if unit and len(x):
-        worst = float(np.abs(np.linalg.norm(x, axis=1) - 1.0).max())
+        # einsum, not np.linalg.norm: no (n, d) temporary (x * x) the size of a training sample.
+        worst = float(np.abs(np.sqrt(np.einsum("ij,ij->i", x, x)) - 1.0).max())
         if worst > NORM_TOLERANCE:
             raise ValueError(f"{name} rows must be L2-normalised (inner product = cosine); "
                              f"the largest |norm - 1| is {worst:.3g}")
