@@ -220,6 +220,43 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SplipConfig:
+    """Method `splip` (docs/method.md 9): its prompts, losses and the ablation switches of the
+    paper's Tables 5 and 6. Read only where score.methods lists splip."""
+
+    text_tokens: int = 4            # m: vision -> text tokens (B_t) in every text layer
+    layer_tokens: int = 2           # n: layer-wise visual tokens (B_vt) per vision layer
+    gallery_words: str = "photo of a"   # domain words: B_v's input and the class template
+    query_words: str = "sketch of a"    # for image queries of every style
+    vision_to_text: bool = True     # B_t on
+    text_to_vision: bool = True     # B_v on
+    layer_prompts: bool = True      # B_vt on
+    margin: Literal["adaptive", "fixed"] = "adaptive"  # mu = cos(F_t(c+), F_t(c-)) or fixed
+    fixed_margin: float = 0.2
+    alpha: float = 1.0              # classification loss weight; 0 = off
+    beta: float = 1.0               # jigsaw loss weight; 0 = off (no solver)
+    jigsaw_grid: int = 3            # tiles per side of the shuffled sketch
+    jigsaw_permutations: int = 24   # permutation classes the solver chooses among
+    jigsaw_conditional: bool = True  # + hinge: the positive photo solves it better
+    jigsaw_margin: float = 0.1
+
+    def validate(self) -> None:
+        _check(1 <= self.text_tokens <= 16, "splip.text_tokens", "must be in 1..16")
+        _check(1 <= self.layer_tokens <= 16, "splip.layer_tokens", "must be in 1..16")
+        for key in ("gallery_words", "query_words"):
+            _check(bool(getattr(self, key).strip()), f"splip.{key}",
+                   'must be words such as "photo of a"')
+        _check(self.fixed_margin >= 0, "splip.fixed_margin", "must be >= 0")
+        _check(self.alpha >= 0, "splip.alpha", "must be >= 0 (0 = no classification loss)")
+        _check(self.beta >= 0, "splip.beta", "must be >= 0 (0 = no jigsaw)")
+        _check(2 <= self.jigsaw_grid <= 4, "splip.jigsaw_grid", "must be in 2..4")
+        most = math.factorial(self.jigsaw_grid ** 2) - 1
+        _check(2 <= self.jigsaw_permutations <= min(most, 1000), "splip.jigsaw_permutations",
+               f"must be in 2..{min(most, 1000)} for a {self.jigsaw_grid}x{self.jigsaw_grid} grid")
+        _check(self.jigsaw_margin >= 0, "splip.jigsaw_margin", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class EmbedConfig:
     # Stored embedding precision.
     dtype: Literal["float32", "float16"] = "float32"
@@ -350,6 +387,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    splip: SplipConfig = field(default_factory=SplipConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
