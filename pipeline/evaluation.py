@@ -148,7 +148,7 @@ def encode_queries(encoders: Encoders, texts: list[tuple[int, str]], images: lis
                 progress(len(chunk))
     if not images:
         return emb, []
-    done = encode_items(images, lambda pixels, _: encoders.image(pixels, None),
+    done = encode_items(images, lambda pixels, _: encoders.query(pixels, None),
                         image_size=image_size, max_pixels=max_pixels, batch_size=batch_size,
                         num_workers=num_workers, device=device, amp=amp, progress=progress)
     if done.items:

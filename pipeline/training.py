@@ -86,10 +86,15 @@ class TripletData(Dataset):
     sees exactly the batches an uninterrupted one would. A triplet with an image that does not
     decode (it changed after extract read it) comes back with `ok` False, blank pixels in its
     place and the image in `bad`: the loss leaves it out and the stage records it.
+
+    `classes` (photo id -> class index; class-aware methods such as splip): each negative is
+    a photo of another class, and the items carry `pos_class` and `neg_class`. Without it
+    the draws are exactly those of the class-blind triplets.
     """
 
     def __init__(self, queries: Sequence[Query], photos: dict[int, str], grams: dict[int, Any],
-                 image_size: int, max_pixels: int, seed: int, epoch: int) -> None:
+                 image_size: int, max_pixels: int, seed: int, epoch: int,
+                 classes: dict[int, int] | None = None) -> None:
         self.queries = list(queries)
         self.photos = photos
         self.grams = grams  # query_id / image_id -> Gram vector (np.ndarray)
@@ -99,10 +104,20 @@ class TripletData(Dataset):
         rng = np.random.default_rng([seed, epoch])
         positives = np.array([q.image_id for q in self.queries], dtype=np.int64)
         negatives = photo_ids[rng.integers(0, len(photo_ids), len(self.queries))]
-        clash = negatives == positives
-        while clash.any():  # a negative must be another photo
+        self.classes = classes
+
+        def clashes() -> np.ndarray:  # a negative must be another photo (of another class)
+            if classes is None:
+                return negatives == positives
+            return np.array([classes[n] == classes[p] for n, p in zip(negatives, positives)],
+                            dtype=bool)
+
+        if classes is not None and len({classes[i] for i in photos}) < 2:
+            raise ValueError("class-aware negatives need photos of at least 2 classes")
+        clash = clashes()
+        while clash.any():
             negatives[clash] = photo_ids[rng.integers(0, len(photo_ids), int(clash.sum()))]
-            clash = negatives == positives
+            clash = clashes()
         self.negatives = negatives.tolist()
         self.order = rng.permutation(len(self.queries)).tolist()
 
@@ -125,7 +140,10 @@ class TripletData(Dataset):
             "query", query.query_id, query.path, bad)
         dim = len(next(iter(self.grams.values())))
         gram = np.zeros(dim, np.float32) if is_text else self.grams[query.query_id]
+        labels = {} if self.classes is None else {
+            "pos_class": self.classes[query.image_id], "neg_class": self.classes[negative]}
         return {
+            **labels,
             "is_text": is_text,
             "text": query.text or "",
             "query_pixels": pixels,
@@ -192,15 +210,18 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, Any], tokenize: Callable
 def train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, tokenize: Callable, loss_fn: Callable,
                 margin: float, device: torch.device, amp: str,
-                advance: Callable[[int], None], bad: list[BadItem]) -> float:
+                advance: Callable[[int], None], bad: list[BadItem],
+                step_loss: Callable | None = None) -> float:
     """One pass over the loader; returns the mean loss (weighted by the triplets it was over).
-    Images that did not decode are appended to `bad` (their triplets are left out)."""
+    Images that did not decode are appended to `bad` (their triplets are left out).
+    `step_loss`: a method's own batch loss (Method.batch_loss), else `batch_loss`."""
+    step_loss = batch_loss if step_loss is None else step_loss
     model.train()
     total, count = 0.0, 0
     for batch in loader:
         bad += batch["bad"]
         with autocast(device, amp):
-            loss = batch_loss(model, batch, tokenize, loss_fn, margin, device)
+            loss = step_loss(model, batch, tokenize, loss_fn, margin, device)
         if loss is not None:
             optimizer_step(loss, optimizer, scaler)
             n = int(batch["ok"].sum())
@@ -238,11 +259,14 @@ def validate(model: torch.nn.Module, queries: Sequence[Query], photos: dict[int,
     model.eval()
     bad = [] if bad is None else bad
 
+    # Image queries through the model's query encoder where it has one (SpLIP's sketch domain).
+    encode_query = getattr(model, "encode_query", model.encode_image)
+
     def encode_images(kind: str, keys: Sequence[int],
                       paths: Sequence[str]) -> tuple[list[int], np.ndarray]:
         def encode(pixels: torch.Tensor, items: list[ImageItem]) -> torch.Tensor:
             gram = torch.stack([torch.as_tensor(grams[i.item_id]) for i in items]).to(device)
-            return model.encode_image(pixels, gram)
+            return (encode_query if kind == "query" else model.encode_image)(pixels, gram)
 
         done = encode_items([ImageItem(kind, key, path) for key, path in zip(keys, paths)],
                             encode, image_size=image_size, max_pixels=max_pixels,

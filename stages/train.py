@@ -66,6 +66,28 @@ def load_training_data(ctx: StageContext) -> tuple[list[Query], dict[int, str], 
     return chosen, photos, grams
 
 
+def training_classes(ctx: StageContext, photos: dict[int, str],
+                     method: str) -> tuple[list[str], dict[int, int]]:
+    """The sorted class names of the training photos, and photo id -> index into them (a
+    class-aware method's negatives and labels)."""
+    gallery = _concat(ctx.input_paths("prepare", "gallery"), ["image_id", "class_label"])
+    labels = {i: c for i, c in zip(gallery["image_id"].to_pylist(),
+                                   gallery["class_label"].to_pylist()) if i in photos}
+    unlabelled = sorted(i for i, c in labels.items() if not c)
+    if unlabelled:
+        raise PipelineError(
+            f"train {method}: {len(unlabelled)} training photos have no class label (e.g. "
+            f"image_id {unlabelled[0]}); {method} needs classes: use a source that labels "
+            "photos (demo, folder, or a manifest's class_label column), or drop it from "
+            "score.methods")
+    classes = sorted(set(labels.values()))
+    if len(classes) < 2:
+        raise PipelineError(f"train {method}: the training photos hold {len(classes)} class; "
+                            "class-aware negatives need at least 2")
+    index = {name: k for k, name in enumerate(classes)}
+    return classes, {i: index[c] for i, c in labels.items()}
+
+
 class TrainStage(Stage):
     name = "train"
     section = "train"
@@ -75,9 +97,12 @@ class TrainStage(Stage):
                       "method VARCHAR, epoch INTEGER, loss DOUBLE, val_recall_at_1 DOUBLE"),)
 
     def config_values(self, config: Config) -> dict[str, Any]:
+        trained = methods.trained(config)
         return {"train": fingerprint_fields(config.train, config.resolve),
                 "model": fingerprint_fields(config.model, config.resolve),
-                "methods": [m.name for m in methods.trained(config)]}
+                "methods": [m.name for m in trained],
+                **{m.section: fingerprint_fields(config.section(m.section), config.resolve)
+                   for m in trained if m.section}}
 
     def notes(self, config: Config) -> str | None:
         if not config.model.pretrained:
@@ -131,7 +156,11 @@ class TrainStage(Stage):
 
         centres = arrow_to_vectors(pq.read_table(ctx.input_path("cluster", "centres"))["centre"])
         method = methods.get(unit.key)
-        model, tokenizer = method.build(ctx.config, centres, device)
+        classes, class_index = None, None
+        if method.class_aware:
+            classes, class_index = training_classes(ctx, photos, unit.key)
+        model, tokenizer = method.build(ctx.config, centres, device,
+                                        **({"classes": classes} if classes else {}))
         trainable, frozen = model.parameter_counts()
         ctx.log.info("train %s: %d queries (%d validation, ranked against %d photos), %s "
                      "trainable / %s frozen parameters", unit.key, len(train_queries),
@@ -152,12 +181,13 @@ class TrainStage(Stage):
 
         def run_epoch(epoch: int) -> float:
             data = TripletData(train_queries, train_photos, grams, image_size, max_pixels,
-                               seed, epoch)
+                               seed, epoch, classes=class_index)
             loader = triplet_batches(data, cfg.batch_size, cfg.num_workers,
                                      pin_memory=device.type == "cuda")
             with ctx.progress(f"train {unit.key} epoch {epoch}", len(data)) as advance:
                 return train_epoch(model, loader, optimizer, scaler, tokenizer, method.loss,
-                                   cfg.margin, device, cfg.amp, advance, bad=state.bad)
+                                   cfg.margin, device, cfg.amp, advance, bad=state.bad,
+                                   step_loss=method.batch_loss)
 
         history = fit(state, cfg.epochs, cfg.patience, run_epoch, evaluate, ctx.log,
                       name=f"train {unit.key}")

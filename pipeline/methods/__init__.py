@@ -41,12 +41,19 @@ class Encoders:
     """A loaded method. `image(pixels, gram)`: RGB [0, 1] pixels at extract.image_size (and
     their Gram vectors, or None) -> L2 rows; `text(tokens)` -> L2 rows. `gram_encoder`: the
     Gram path `image` reads, shared by the methods that have one (embed runs it once per
-    batch for all of them), or None."""
+    batch for all of them), or None. `query_image`: how image queries are encoded, where a
+    method encodes them unlike gallery photos (SpLIP's sketch domain); None = `image`."""
 
     image: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
     text: Callable[[torch.Tensor], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
     gram_encoder: torch.nn.Module | None = None
+    query_image: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+
+    @property
+    def query(self) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """The image-query encoder: `query_image`, else `image`."""
+        return self.image if self.query_image is None else self.query_image
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,15 @@ class Method:
     # loss the train stage minimises, loss(query, positive, negative, margin).
     build: Callable[[Config, Any, torch.device], tuple[Any, Any]] | None = None
     loss: Callable[..., torch.Tensor] | None = None
+    # Class-aware training (splip): the negatives are photos of another class, the batches
+    # carry pos_class / neg_class indices into the sorted training class names, and build
+    # gets those names as `classes=`. `batch_loss` replaces pipeline.training.batch_loss
+    # (same signature) for a method whose loss needs more than three embeddings.
+    class_aware: bool = False
+    batch_loss: Callable[..., torch.Tensor | None] | None = None
+    # The config section the method reads besides [model] and [train] (its switches): part
+    # of the train stage's fingerprint while the method trains.
+    section: str | None = None
 
     @property
     def trains(self) -> bool:
