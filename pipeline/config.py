@@ -104,6 +104,13 @@ class DataConfig:
     demo_image_size: int = 128
     # folder/demo: query styles generated for each photo (text is always added).
     styles: tuple[str, ...] = ("sketch", "art", "lowres")
+    # How photos go to the train and test splits: "photo" (each photo by test_fraction) or
+    # "class" (class-disjoint, for the zero-shot protocols: every photo of an unseen class is
+    # in test, training sees seen classes only; seen classes' photos split by test_fraction).
+    # Unseen classes: `unseen_classes` where given, else a seeded `unseen_fraction` of them.
+    split: Literal["photo", "class"] = "photo"
+    unseen_fraction: float = 0.2
+    unseen_classes: tuple[str, ...] = ()
     # Decoding guard: larger images are recorded as failures (decompression bombs).
     max_image_pixels: int = _run_only(40_000_000)
     # A stage fails once more than this fraction of its items are bad inputs.
@@ -117,6 +124,14 @@ class DataConfig:
         allowed = {"sketch", "art", "lowres"}
         bad = sorted(set(self.styles) - allowed)
         _check(not bad, "data.styles", f"unknown style(s) {bad}; allowed: {sorted(allowed)}")
+        _check(0.0 < self.unseen_fraction < 1.0, "data.unseen_fraction", "must be in (0, 1)")
+        _check(len(set(self.unseen_classes)) == len(self.unseen_classes), "data.unseen_classes",
+               f"lists a class twice: {list(self.unseen_classes)}")
+        _check(self.split == "class" or not self.unseen_classes, "data.unseen_classes",
+               "is used only with data.split = 'class'; set it, or remove unseen_classes")
+        _check(self.split == "photo" or self.source != "dsr", "data.split",
+               "'class' needs class labels, which a dsr dataset has not; use 'photo', or a "
+               "folder or manifest source with class labels")
         _check(self.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1")
         _check(0.0 <= self.max_failure_ratio <= 1.0, "data.max_failure_ratio", "must be in [0, 1]")
         needs_path = self.source in ("dsr", "folder", "manifest")
@@ -318,6 +333,11 @@ class ScoreConfig:
     ks: tuple[int, ...] = (1, 5, 10)
     # Class-level mAP@map_k and P@map_k, where the dataset has class labels.
     map_k: int = 200
+    # The zero-shot protocols (zs, gzs: only where the test split holds classes with no
+    # training photo, data.split = "class"): class-level mAP@k and P@k, scored exactly over
+    # their whole gallery; 0 = @all (every relevant photo of the gallery).
+    zs_map_ks: tuple[int, ...] = (200, 0)
+    zs_precision_ks: tuple[int, ...] = (100, 200)
     # Gallery protocol: search through the index with the parameters the index stage tuned to
     # index.target_recall (search_params.json). Set to override: nprobe (IVF lists visited,
     # >= 1), ef_search (HNSW depth, >= 1), rerank_k (top rerank_k re-ranked by exact cosine
@@ -357,6 +377,9 @@ class ScoreConfig:
         _check(bool(self.ks) and all(k >= 1 for k in self.ks), "score.ks",
                "must be a non-empty list of values >= 1")
         _check(self.map_k >= 1, "score.map_k", "must be >= 1")
+        for key in ("zs_map_ks", "zs_precision_ks"):
+            _check(all(k >= 0 for k in getattr(self, key)), f"score.{key}",
+                   "must be values >= 1, or 0 = all")
         _check(self.nprobe >= 0, "score.nprobe", "must be >= 1, or 0 = the index's tuned value")
         _check(self.ef_search >= 0, "score.ef_search",
                "must be >= 1, or 0 = the index's tuned value")

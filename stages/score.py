@@ -13,7 +13,9 @@ CLIP, VPT), then scores (pipeline/evaluation.py):
   `mean` (mean of the normalised embeddings);
 - protocol `gallery`: each query against the whole gallery through the index (top
   `score.rerank_k` re-ranked exactly); protocol `batch`: the authors' evaluation, the query
-  ranked among its own photo and the other photos of its batch of `score.batch_pairs` pairs.
+  ranked among its own photo and the other photos of its batch of `score.batch_pairs` pairs;
+- where the test split holds classes no training photo has (data.split = "class"): the
+  zero-shot protocols `zs`, `gzs` and `fg` (pipeline/zero_shot.py) for their queries.
 
 Query images `extract` recorded as bad inputs are skipped (recorded once, there); a query image
 that breaks after extract is recorded by every method's unit that meets it.
@@ -98,12 +100,16 @@ class ScoreStage(Stage):
         sets = query_sets(queries, emb, cfg)
         depth = min(store.n, max(max(cfg.ks), cfg.keep_k,
                                  cfg.map_k if gallery_labels is not None else 0))
+        zero_shot = _class_gallery(ctx, store) if gallery_labels is not None else None
         with ctx.progress(f"score {method}", sum(len(s.query_ids) for s in sets)) as tick:
             for qs in sets:
                 scored = score_set(method, qs, index, store, depth, cfg, gallery_labels)
                 metric_rows += scored.metric_rows
                 result_parts.append(scored.results)
                 rank_parts += scored.ranks
+                if zero_shot is not None:
+                    metric_rows, rank_parts = _add_zero_shot(method, qs, zero_shot, cfg,
+                                                             metric_rows, rank_parts)
                 tick(len(qs.query_ids))
         search_seconds = time.monotonic() - started
         n_searched = sum(len(s.query_ids) for s in sets)
@@ -125,7 +131,7 @@ class ScoreStage(Stage):
                                                        out / "query_embeddings.parquet"),
                      len(query_table)),
         ]
-        metrics = [MetricRecord(f"{r['metric']}@{r['k']}", r["value"],
+        metrics = [MetricRecord(f"{r['metric']}@{r['k'] or 'all'}", r["value"],
                                 {k: r[k] for k in ("style", "protocol", "fusion", "n_queries")})
                    for r in metric_rows]
         metrics += [MetricRecord("encode_queries_per_s", len(emb) / max(encode_seconds, 1e-9)),
@@ -163,6 +169,37 @@ def _test_queries(ctx: StageContext, store: VectorStore) -> tuple[pa.Table, Any]
     if has_labels:
         labels = (gallery["image_id"].to_numpy(), np.asarray(gallery["class_label"].to_pylist()))
     return queries, labels
+
+
+def _class_gallery(ctx: StageContext, store: VectorStore) -> Any:
+    """The zero-shot protocols' gallery (pipeline/zero_shot.py): every indexed photo with its
+    label and vector, and the classes no training photo has; None when there are none."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.zero_shot import ClassGallery, unseen_labels
+
+    gallery = _concat(ctx.input_paths("prepare", "gallery"), ["image_id", "class_label", "split"])
+    labels = np.asarray(gallery["class_label"].to_pylist())
+    unseen = unseen_labels(labels, np.asarray(gallery["split"].to_pylist()))
+    if not unseen:
+        return None
+    gallery = gallery.filter(pc.is_in(gallery["image_id"], value_set=pa.array(store.ids)))
+    ids = gallery["image_id"].to_numpy()
+    return ClassGallery(ids, np.asarray(gallery["class_label"].to_pylist()), store.lookup(ids),
+                        unseen)
+
+
+def _add_zero_shot(method: str, qs: Any, gallery: Any, cfg: Any, metric_rows: list[dict],
+                   rank_parts: list[pa.Table]) -> tuple[list[dict], list[pa.Table]]:
+    """metric_rows and rank_parts with the zs / gzs / fg protocols' of one query set."""
+    from pipeline.zero_shot import score_zero_shot
+
+    scored = score_zero_shot(method, qs, gallery, cfg)
+    if scored is None:
+        return metric_rows, rank_parts
+    return metric_rows + scored.metric_rows, rank_parts + scored.ranks
 
 
 def _encode_queries(ctx: StageContext, method: str,

@@ -126,12 +126,52 @@ def _split(seed: int, key: str, test_fraction: float) -> str:
     return "test" if stable_uniform(seed, "split:" + key) < test_fraction else "train"
 
 
+def unseen_classes(labels: list[str], config: Config) -> set[str]:
+    """The classes a class-disjoint split (data.split = "class") keeps out of training:
+    data.unseen_classes, or the first round(unseen_fraction x C) classes (at least 1, at most
+    C - 1) in a seeded order of their names: pure in (seed, class names)."""
+    from pipeline.arrays import stable_uniform
+
+    data, names = config.data, sorted(set(labels))
+    if data.unseen_classes:
+        missing = sorted(set(data.unseen_classes) - set(names))
+        if missing:
+            raise SourceError(f"data.unseen_classes names class(es) {missing[:5]} that the "
+                              f"dataset has not; its classes are e.g. {names[:5]}")
+        if len(data.unseen_classes) == len(names):
+            raise SourceError("data.unseen_classes lists every class: training would see none")
+        return set(data.unseen_classes)
+    if len(names) < 2:
+        raise SourceError(f"data.split = 'class' needs at least 2 classes; the dataset has "
+                          f"{len(names)}")
+    count = min(max(1, round(data.unseen_fraction * len(names))), len(names) - 1)
+    order = sorted(names, key=lambda c: stable_uniform(config.run.seed, "unseen:" + c))
+    return set(order[:count])
+
+
+def apply_class_split(builder: ListingBuilder, config: Config) -> None:
+    """data.split = "class": every photo of an unseen class goes to test; the photos of seen
+    classes keep their photo-level split (test_fraction), so training sees seen classes only."""
+    missing = [r["key"] for r in builder.gallery if r["class_label"] is None]
+    if missing:
+        raise SourceError(f"data.split = 'class' needs a class label for every photo; "
+                          f"{len(missing)} have none (e.g. {missing[0]!r}); give the manifest "
+                          "a class_label column, or set data.split = 'photo'")
+    unseen = unseen_classes([r["class_label"] for r in builder.gallery], config)
+    for row in builder.gallery:
+        if row["class_label"] in unseen:
+            row["split"] = "test"
+
+
 def list_demo(config: Config) -> ListingBuilder:
     data = config.data
     builder = ListingBuilder(data.shard_size)
+    if data.split == "class":  # the label prepare draws the photo from (pure in seed, index)
+        from pipeline.data.synth import _demo_class as label_of
     for index in range(data.demo_items):
         key = f"{index:08d}"
-        builder.add_photo(key, _split(config.run.seed, key, data.test_fraction), None, None)
+        label = label_of(config.run.seed, index) if data.split == "class" else None
+        builder.add_photo(key, _split(config.run.seed, key, data.test_fraction), label, None)
         builder.add_query(key, "text", generate=True)
         for style in data.styles:
             builder.add_query(key, style, generate=True)
@@ -290,6 +330,10 @@ def list_manifest(config: Config) -> ListingBuilder:
             raise SourceError(f"manifest {path} row {i}: gallery key {key!r} is also on row "
                               f"{keys[key]}; keys (default: path) must be unique")
         keys[key] = i
+        if row["split"] and config.data.split == "class":
+            raise SourceError(f"manifest {path} row {i}: has a split, and data.split = "
+                              "'class' assigns splits by class; leave the split column "
+                              "empty, or set data.split = 'photo'")
         split = row["split"] or _split(config.run.seed, row["path"], config.data.test_fraction)
         if split not in ("train", "test"):
             raise SourceError(f"manifest {path} row {i}: split must be train or test")
@@ -348,4 +392,7 @@ LISTERS = {"demo": list_demo, "dsr": list_dsr, "folder": list_folder, "manifest"
 
 def list_source(config: Config) -> tuple[pa.Table, pa.Table]:
     """The (gallery, queries) listing of `config.data.source`."""
-    return LISTERS[config.data.source](config).build()
+    builder = LISTERS[config.data.source](config)
+    if config.data.split == "class":
+        apply_class_split(builder, config)
+    return builder.build()
