@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,8 @@ def test_demo_class_split_scores_every_method_under_the_zero_shot_protocols(tmp_
     config = load_config(path)
     commands.run(all_stages, config, ["all"], progress=False)
     check_zero_shot_run(config, ("freestyle", "splip", "baseline"))
+    page, written = commands.report(all_stages, config, tmp_path / "report.html")
+    assert written and 'id="table-recall-fg"' in page.read_text()  # fg in the report
 
 
 def _sketchy_manifest(root: Path, out: Path, classes: int = 10, photos: int = 5) -> Path:
@@ -231,7 +234,8 @@ def _sketchy_manifest(root: Path, out: Path, classes: int = 10, photos: int = 5)
 
 
 def test_sketchy_mini_class_split_through_every_stage(tmp_path, shared_data) -> None:
-    """sketchy-mini (10 classes, 3 unseen), the real VGG-19 for the Gram path, the tiny ViT:
+    """sketchy-mini (10 classes, 3 unseen), the real VGG-19 for the Gram path, the tiny ViT
+    (or FSR_TEST_CLIP's pretrained CLIP):
     freestyle, splip and baseline scored under zs, gzs and fg, checked by brute force."""
     from pipeline import commands
     from pipeline.config import load_config
@@ -241,6 +245,11 @@ def test_sketchy_mini_class_split_through_every_stage(tmp_path, shared_data) -> 
     if not (sketchy / "photo").is_dir() or not any(vgg.glob("*.pth")):
         pytest.skip(f"sketchy-mini or the VGG-19 weights not found under {shared_data}")
     manifest = _sketchy_manifest(sketchy, tmp_path)
+    # FSR_TEST_CLIP=ARCH:CHECKPOINT (as tests/test_train.py reads it): the same run on a
+    # pretrained CLIP; without it the tiny random ViT (mechanics only).
+    arch, _, pretrained = os.environ.get("FSR_TEST_CLIP", "").partition(":")
+    model = (f'arch = "{arch}"\npretrained = "{pretrained}"' if arch and pretrained
+             else 'arch = "fsr-tiny-vit"')
     path = tmp_path / "pipeline.toml"
     path.write_text(f"""
 [run]
@@ -262,7 +271,7 @@ num_workers = 0
 k = 4
 niter = 10
 [model]
-arch = "fsr-tiny-vit"
+{model}
 [train]
 batch_size = 8
 epochs = 1
