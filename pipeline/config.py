@@ -237,7 +237,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SplipConfig:
     """Method `splip` (docs/method.md 9): its prompts, losses and the ablation switches of the
-    paper's Tables 5 and 6. Read only where score.methods lists splip."""
+    paper's Tables 5 and 6 (docs/method.md 9 lists each row's --set flags). Read only where
+    score.methods lists splip."""
 
     text_tokens: int = 4            # m: vision -> text tokens (B_t) in every text layer
     layer_tokens: int = 2           # n: layer-wise visual tokens (B_vt) per vision layer
@@ -246,14 +247,16 @@ class SplipConfig:
     vision_to_text: bool = True     # B_t on
     text_to_vision: bool = True     # B_v on
     layer_prompts: bool = True      # B_vt on
+    layernorm: bool = True          # train CLIP's LayerNorms (Table 6 "w/o LayerNorm": false)
+    triplet: bool = True            # triplet loss on (Table 5 "L_class" row: false)
     margin: Literal["adaptive", "fixed"] = "adaptive"  # mu = cos(F_t(c+), F_t(c-)) or fixed
-    fixed_margin: float = 0.2
+    fixed_margin: float = 0.2       # the paper's fixed-margin comparison value
     alpha: float = 1.0              # classification loss weight; 0 = off
     beta: float = 1.0               # jigsaw loss weight; 0 = off (no solver)
     jigsaw_grid: int = 3            # tiles per side of the shuffled sketch
     jigsaw_permutations: int = 24   # permutation classes the solver chooses among
     jigsaw_conditional: bool = True  # + hinge: the positive photo solves it better
-    jigsaw_margin: float = 0.1
+    jigsaw_margin: float = 0.0       # the hinge's margin (the paper's hinge has none)
 
     def validate(self) -> None:
         _check(1 <= self.text_tokens <= 16, "splip.text_tokens", "must be in 1..16")
@@ -264,6 +267,11 @@ class SplipConfig:
         _check(self.fixed_margin >= 0, "splip.fixed_margin", "must be >= 0")
         _check(self.alpha >= 0, "splip.alpha", "must be >= 0 (0 = no classification loss)")
         _check(self.beta >= 0, "splip.beta", "must be >= 0 (0 = no jigsaw)")
+        _check(self.triplet or self.alpha > 0 or self.beta > 0, "splip.triplet",
+               "no loss left: keep the triplet, or set alpha or beta > 0")
+        _check(self.layernorm or self.vision_to_text or self.text_to_vision
+               or self.layer_prompts or self.beta > 0, "splip.layernorm",
+               "nothing left to train: keep the LayerNorms, a mapping block or the jigsaw")
         _check(2 <= self.jigsaw_grid <= 4, "splip.jigsaw_grid", "must be in 2..4")
         most = math.factorial(self.jigsaw_grid ** 2) - 1
         _check(2 <= self.jigsaw_permutations <= min(most, 1000), "splip.jigsaw_permutations",

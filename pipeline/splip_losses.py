@@ -3,9 +3,10 @@ the training classes, conditional jigsaw; and `batch_loss`, their weighted sum o
 training batch (the train stage's step for method `splip`).
 
     mu = adaptive_margins(class_text, pos_class, neg_class)   # cos(F_t(c+), F_t(c-))
-    loss = triplet(anchor, positive, negative, mu)
+    loss = triplet(anchor, positive, negative, mu)            # splip.triplet = false: left out
     loss = loss + alpha * classification(logits, labels)
-    loss = loss + beta * jigsaw(solved_pos, solved_neg, target, conditional=True, margin=0.1)
+    loss = loss + beta * jigsaw(solved_self, solved_pos, solved_neg, target,
+                                conditional=True, margin=0.0)
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import torch.nn.functional as F
 class SplipLossSpec:
     """The loss side of [splip] (pipeline.config.SplipConfig)."""
 
+    triplet: bool = True  # the triplet term; off = the paper's Table 5 "L_class" row
     margin: Literal["adaptive", "fixed"] = "adaptive"
     fixed_margin: float = 0.2
     alpha: float = 1.0   # classification weight; 0 = off (not computed)
     beta: float = 1.0    # jigsaw weight; 0 = off (no solver)
     jigsaw_conditional: bool = True
-    jigsaw_margin: float = 0.1
+    jigsaw_margin: float = 0.0
 
 
 def adaptive_margins(class_text: torch.Tensor, pos_class: torch.Tensor,
@@ -49,16 +51,19 @@ def classification(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def jigsaw(solved_pos: torch.Tensor, solved_neg: torch.Tensor | None, target: torch.Tensor,
-           conditional: bool, margin: float) -> torch.Tensor:
-    """Cross-entropy of the permutation solved with the positive photo; conditional adds the
-    hinge mean relu(CE_pos - CE_neg + margin): the positive pair must solve it better than
-    the negative pair, so the solver has to read the photo."""
-    ce_pos = F.cross_entropy(solved_pos.float(), target, reduction="none")
+def jigsaw(solved_self: torch.Tensor, solved_pos: torch.Tensor | None,
+           solved_neg: torch.Tensor | None, target: torch.Tensor, conditional: bool,
+           margin: float) -> torch.Tensor:
+    """Conditional cross-modal jigsaw (docs/method.md 9): the cross-entropy of the shuffled
+    sketch's permutation solved beside the unshuffled sketch (`solved_self`); conditional adds
+    the hinge mean relu(CE(with positive photo) - CE(with negative photo) + margin): the
+    positive photo must help solve it more than the negative one."""
+    loss = F.cross_entropy(solved_self.float(), target)
     if not conditional:
-        return ce_pos.mean()
+        return loss
+    ce_pos = F.cross_entropy(solved_pos.float(), target, reduction="none")
     ce_neg = F.cross_entropy(solved_neg.float(), target, reduction="none")
-    return ce_pos.mean() + F.relu(ce_pos - ce_neg + margin).mean()
+    return loss + F.relu(ce_pos - ce_neg + margin).mean()
 
 
 def batch_loss(model: torch.nn.Module, batch: dict[str, Any], tokenize: Callable,
@@ -84,28 +89,32 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, Any], tokenize: Callable
     pos_class, neg_class = move["pos_class"], move["neg_class"]
     margins = adaptive_margins(model.class_text, pos_class, neg_class) \
         if spec.margin == "adaptive" else spec.fixed_margin
-    loss = triplet(anchor.embedding, positive.embedding, negative.embedding, margins)
+    loss = triplet(anchor.embedding, positive.embedding, negative.embedding, margins) \
+        if spec.triplet else anchor.embedding.new_zeros(())
     if use_logits:
         logits = torch.cat([anchor.logits, positive.logits, negative.logits])
         labels = torch.cat([pos_class, pos_class, neg_class])
         loss = loss + spec.alpha * classification(logits, labels)
     if spec.beta > 0:
-        loss = loss + spec.beta * _jigsaw_term(model, move["query_pixels"], positive.tokens,
-                                               negative.tokens, spec)
+        loss = loss + spec.beta * _jigsaw_term(model, move["query_pixels"], anchor.tokens,
+                                               positive.tokens, negative.tokens, spec)
     return loss
 
 
-def _jigsaw_term(model: torch.nn.Module, sketches: torch.Tensor, pos_tokens: torch.Tensor,
-                 neg_tokens: torch.Tensor, spec: SplipLossSpec) -> torch.Tensor:
+def _jigsaw_term(model: torch.nn.Module, sketches: torch.Tensor, self_tokens: torch.Tensor,
+                 pos_tokens: torch.Tensor, neg_tokens: torch.Tensor,
+                 spec: SplipLossSpec) -> torch.Tensor:
     """Shuffle each anchor by a permutation drawn from torch's global RNG (seeded by the
-    train stage, saved in every checkpoint: resumable), encode it, solve it against the
-    positive and the negative photo."""
+    train stage, saved in every checkpoint: resumable), encode it, solve it beside the
+    unshuffled anchor and (conditional) beside the positive and the negative photo."""
     from pipeline.models.splip import shuffle_tiles
 
     choice = torch.randint(len(model.permutations), (sketches.shape[0],))  # CPU RNG
     target = choice.to(sketches.device)
     shuffled = shuffle_tiles(sketches, model.permutations[target], model.spec.jigsaw_grid)
     tokens = model.forward_images(shuffled, "query", logits=False).tokens
-    solved_pos = model.solve_jigsaw(tokens, pos_tokens)
+    solved_self = model.solve_jigsaw(tokens, self_tokens)
+    solved_pos = model.solve_jigsaw(tokens, pos_tokens) if spec.jigsaw_conditional else None
     solved_neg = model.solve_jigsaw(tokens, neg_tokens) if spec.jigsaw_conditional else None
-    return jigsaw(solved_pos, solved_neg, target, spec.jigsaw_conditional, spec.jigsaw_margin)
+    return jigsaw(solved_self, solved_pos, solved_neg, target, spec.jigsaw_conditional,
+                  spec.jigsaw_margin)

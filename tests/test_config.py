@@ -58,6 +58,45 @@ def test_bad_values_are_rejected_with_the_key(tmp_path, text, message):
     assert message in str(info.value)
 
 
+# The --set flags docs/method.md 9 gives for each row of SpLIP's Tables 5 and 6.
+SPLIP_ROWS = {
+    "T5 L_class": ["splip.triplet=false", "splip.beta=0"],
+    "T5 L_triplet": ["splip.alpha=0", "splip.beta=0", "splip.margin='fixed'"],
+    "T5 L_class + L_triplet": ["splip.beta=0", "splip.margin='fixed'"],
+    "T5 + adaptive margin": ["splip.beta=0"],
+    "T5 + L_cjs (full)": [],
+    "T6 w/o LayerNorm": ["splip.layernorm=false"],
+    "T6 w/o B_v": ["splip.text_to_vision=false"],
+    "T6 w/o B_t": ["splip.vision_to_text=false"],
+    "T6 w/o B_vt": ["splip.layer_prompts=false"],
+    "T6 w/o visual prompts": ["splip.text_to_vision=false", "splip.layer_prompts=false"],
+    "T6 w/o prompt blocks": ["splip.text_to_vision=false", "splip.layer_prompts=false",
+                             "splip.vision_to_text=false"],
+}
+
+
+@pytest.mark.parametrize("row", sorted(SPLIP_ROWS))
+def test_splip_ablation_rows_load(tmp_path, row):
+    config = load_config(write(tmp_path, ""), SPLIP_ROWS[row]).splip
+    assert config.triplet == (row != "T5 L_class")
+    assert (config.beta > 0) == (row.startswith("T6") or row == "T5 + L_cjs (full)")
+    assert config.layernorm == (row != "T6 w/o LayerNorm")
+
+
+def test_splip_defaults_and_refusals(tmp_path):
+    config = load_config(write(tmp_path, "")).splip
+    assert (config.text_tokens, config.layer_tokens, config.fixed_margin) == (4, 2, 0.2)
+    assert (config.triplet, config.layernorm, config.jigsaw_margin) == (True, True, 0.0)
+    with pytest.raises(ConfigError, match="splip.triplet: no loss left"):
+        load_config(write(tmp_path, ""), ["splip.triplet=false", "splip.alpha=0",
+                                          "splip.beta=0"])
+    with pytest.raises(ConfigError, match="splip.layernorm: nothing left to train"):
+        load_config(write(tmp_path, ""), SPLIP_ROWS["T6 w/o prompt blocks"]
+                    + ["splip.layernorm=false", "splip.beta=0"])
+    with pytest.raises(ConfigError, match=r"\[splip\] unknown key\(s\) \['layer_norm'\]"):
+        load_config(write(tmp_path, "[splip]\nlayer_norm = false\n"))
+
+
 def test_config_path_that_is_a_folder(tmp_path):
     with pytest.raises(ConfigError, match="is a folder; pass --config PATH to a pipeline.toml"):
         load_config(tmp_path)

@@ -163,15 +163,21 @@ def test_jigsaw_permutations_are_seeded_distinct_and_invertible() -> None:
 
 
 def test_jigsaw_loss_and_hinge_by_hand() -> None:
+    """CE of the shuffled sketch solved beside its unshuffled self, + the hinge
+    relu(CE(positive photo) - CE(negative photo) + margin) (docs/method.md 9)."""
     target = torch.tensor([0, 1])
+    own = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     pos = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     neg = torch.tensor([[0.0, 0.0], [0.0, 3.0]])
+    ce_own = math.log(1 + math.exp(-1))
     ce_pos = [math.log(1 + math.exp(-2)), math.log(2)]
     ce_neg = [math.log(2), math.log(1 + math.exp(-3))]
-    plain = sum(ce_pos) / 2
-    assert float(jigsaw(pos, None, target, False, 0.1)) == pytest.approx(plain, rel=1e-6)
-    hinge = sum(max(p - q + 0.1, 0) for p, q in zip(ce_pos, ce_neg)) / 2
-    assert float(jigsaw(pos, neg, target, True, 0.1)) == pytest.approx(plain + hinge, rel=1e-6)
+    assert float(jigsaw(own, None, None, target, False, 0.0)) == pytest.approx(ce_own, rel=1e-6)
+    for margin in (0.0, 0.1):
+        hinge = sum(max(p - q + margin, 0) for p, q in zip(ce_pos, ce_neg)) / 2
+        assert float(jigsaw(own, pos, neg, target, True, margin)) == \
+            pytest.approx(ce_own + hinge, rel=1e-6)
+    assert SplipLossSpec().jigsaw_margin == 0.0  # the paper's hinge has no margin
 
 
 def test_ablation_switches_change_what_runs(monkeypatch) -> None:
@@ -225,6 +231,29 @@ def test_ablation_switches_change_what_runs(monkeypatch) -> None:
     assert fixed != pytest.approx(paper)
     plain, _ = loss_with(SplipSpec(), SplipLossSpec(jigsaw_conditional=False))
     assert plain != pytest.approx(paper)
+    # Table 5's "L_class" row: no triplet term; the loss is alpha x the classification loss.
+    model, _ = build(SplipSpec(jigsaw=False), SplipLossSpec(triplet=False, beta=0.0))
+    only_class = batch_loss(model, batch(), tokenizer, None, 1.0, torch.device("cpu"))
+    with_triplet, _ = loss_with(SplipSpec(jigsaw=False), SplipLossSpec(beta=0.0))
+    assert float(only_class.detach()) != pytest.approx(with_triplet)
+    b = batch()
+    keep = b["ok"] & ~b["is_text"]
+    outs = [model.forward_images(b[k][keep], dom) for k, dom in
+            (("query_pixels", "query"), ("pos_pixels", "photo"), ("neg_pixels", "photo"))]
+    labels = torch.cat([b["pos_class"][keep], b["pos_class"][keep], b["neg_class"][keep]])
+    want = F.cross_entropy(torch.cat([o.logits for o in outs]).float(), labels)
+    assert float(only_class.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    only_class.backward()  # the classification loss alone still trains the model
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    # Table 6's "w/o LayerNorm": CLIP's LayerNorms stay frozen, the blocks still train.
+    frozen_norms, _ = build(SplipSpec(layernorm=False))
+    trainable = {name.split(".")[0] for name, p in frozen_norms.named_parameters()
+                 if p.requires_grad}
+    assert trainable == {"b_t", "b_v", "b_vt", "solver"}
+    assert not any(p.requires_grad for m in frozen_norms.clip.modules()
+                   if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
+    assert frozen_norms.parameter_counts()[0] < full.parameter_counts()[0]
 
 
 def test_state_round_trip_and_class_check() -> None:

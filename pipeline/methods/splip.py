@@ -18,9 +18,11 @@ def specs(config):  # noqa: ANN001, ANN201
     model = SplipSpec(text_tokens=s.text_tokens, layer_tokens=s.layer_tokens,
                       gallery_words=s.gallery_words, query_words=s.query_words,
                       vision_to_text=s.vision_to_text, text_to_vision=s.text_to_vision,
-                      layer_prompts=s.layer_prompts, jigsaw_grid=s.jigsaw_grid,
+                      layer_prompts=s.layer_prompts, layernorm=s.layernorm,
+                      jigsaw_grid=s.jigsaw_grid,
                       jigsaw_permutations=s.jigsaw_permutations, jigsaw=s.beta > 0)
-    loss = SplipLossSpec(margin=s.margin, fixed_margin=s.fixed_margin, alpha=s.alpha,
+    loss = SplipLossSpec(triplet=s.triplet, margin=s.margin, fixed_margin=s.fixed_margin,
+                         alpha=s.alpha,
                          beta=s.beta, jigsaw_conditional=s.jigsaw_conditional,
                          jigsaw_margin=s.jigsaw_margin)
     return model, loss

@@ -27,8 +27,9 @@ of the full 77-token context.
 
 Vision sequence: [CLS, J - 1 B_v tokens, n B_vt tokens, P patches]; prompts are inserted
 after ln_pre at layer 0 and replaced at the input of every later layer, then dropped before
-pooling (as FreestyleRet's). Trainable: every LayerNorm of both towers, B_t, B_v, B_vt and the
-jigsaw solver; the rest of CLIP is frozen and stays in eval mode.
+pooling (as FreestyleRet's). Trainable: every LayerNorm of both towers (unless
+splip.layernorm = false), B_t, B_v, B_vt and the jigsaw solver; the rest of CLIP is frozen
+and stays in eval mode.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class SplipSpec:
     vision_to_text: bool = True   # B_t
     text_to_vision: bool = True   # B_v
     layer_prompts: bool = True    # B_vt
+    layernorm: bool = True        # train CLIP's LayerNorms (off: Table 6 "w/o LayerNorm")
     jigsaw_grid: int = 3
     jigsaw_permutations: int = 24
     jigsaw: bool = True           # build the solver (loss weight beta > 0)
@@ -173,7 +175,7 @@ class Splip(nn.Module):
             prompts = tokenizer([f"a photo of a {c.replace('_', ' ')}." for c in classes])
             class_text = F.normalize(clip.encode_text(prompts.to(_device(clip))).float(), dim=-1)
         self.register_buffer("class_text", class_text)
-        for norm in self._layernorms():
+        for norm in self._layernorms() if spec.layernorm else []:
             norm.requires_grad_(True)
         placeholders = " ".join([PLACEHOLDER] * m) + " " if spec.vision_to_text else ""
         for domain in DOMAINS:
