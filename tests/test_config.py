@@ -83,6 +83,15 @@ def test_splip_ablation_rows_load(tmp_path, row):
     assert config.layernorm == (row != "T6 w/o LayerNorm")
 
 
+def test_splip_ablation_table_in_the_docs_matches(repo_root):
+    text = (repo_root / "docs" / "method.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| 5: ", "| 6: "))]
+    flags = {frozenset(line.split("|")[2].strip().strip("`").split())
+             for line in rows if "`" in line.split("|")[2]}
+    assert flags | {frozenset()} == {frozenset(v) for v in SPLIP_ROWS.values()}
+    assert len(rows) == len(SPLIP_ROWS) + 1  # + Table 6's full row
+
+
 def test_splip_defaults_and_refusals(tmp_path):
     config = load_config(write(tmp_path, "")).splip
     assert (config.text_tokens, config.layer_tokens, config.fixed_margin) == (4, 2, 0.2)
