@@ -15,8 +15,8 @@ which the benchmark measures as the RSS before the build):
 - training: the sample, once, plus the residuals SQ/PQ train on (a second copy);
 - reading a shard (sampling and adding): about SHARD_COPIES times its float32 size (Parquet
   pages, decoded column, copies); freed memory is handed back after each shard
-  (`index_build.release_memory`); list growth slack for IVF; the HNSW link table growing by doubling (the float
-  storage is reserved up front, `reserve_storage`);
+  (`index_build.release_memory`); list growth slack for IVF; the HNSW link table growing by
+  doubling (the float storage is reserved up front, `reserve_storage`);
 - the recall check and tuning: blocks of the store for exact search and gathered re-rank rows.
 The float store (`vectors.npy`) is not counted: the build writes it with `pwrite` and reads it
 back in blocks, and searches map it read-only from disk, so its pages are clean page cache the
