@@ -159,10 +159,13 @@ def _status(catalog: Catalog, stages: list, expected: dict[str, str],
         not_done = [(name, key, state) for name, units in known.items()
                     for key, state in units.items() if state != "done"]
     with_failures = set(catalog.rows("SELECT DISTINCT stage, fingerprint FROM item_failures"))
+    # A plan with no units (train when no configured method trains) is only in `stages`.
+    current = dict(catalog.rows("SELECT stage, fingerprint FROM stages"))
     result = []
     for stage in stages:
-        st = StageStatus(stage.name, expected[stage.name], False, notes=stage.notes(config),
-                         ingested=new.get(stage.name, 0))
+        st = StageStatus(stage.name, expected[stage.name],
+                         current.get(stage.name) == expected[stage.name],
+                         notes=stage.notes(config), ingested=new.get(stage.name, 0))
         for name, fp, state, n, rows, seconds in counts:
             if name != stage.name:
                 continue

@@ -109,7 +109,7 @@ def check_finished(factory: StageFactory, config: Config) -> None:
         if st.stage not in needed:
             continue
         missing = st.pending + st.failed + st.running + st.lost
-        if st.planned and st.done and not missing:
+        if st.planned and not missing:  # done (train plans no unit when nothing trains)
             continue
         state = ("has not run" if not st.planned
                  else f"has {st.done} of {st.done + missing} units done")

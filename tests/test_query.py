@@ -49,7 +49,7 @@ def stored(config, method: str, style: str, fusion: str) -> dict[tuple, tuple[li
         f"fusion = '{fusion}' GROUP BY ALL"))}
 
 
-def test_queries(config) -> dict[str, list[tuple[int, int, str | None, str | None]]]:
+def split_queries(config) -> dict[str, list[tuple[int, int, str | None, str | None]]]:
     """style -> [(query_id, photo id, path, text)] of the test split, by query id."""
     out: dict[str, list] = {}
     for qid, image_id, style, path, text in rows(config, (
@@ -57,9 +57,6 @@ def test_queries(config) -> dict[str, list[tuple[int, int, str | None, str | Non
             "ORDER BY query_id")):
         out.setdefault(style, []).append((qid, image_id, path, text))
     return out
-
-
-test_queries.__test__ = False  # a helper, not a test
 
 
 def same_ranking(got_ids, got_scores, want_ids, want_scores) -> None:
@@ -85,7 +82,7 @@ def test_every_query_kind_matches_what_score_stored(finished, method) -> None:
     under each fusion), asked again through query: the same embeddings and the same top 10."""
     config = load_config(finished)
     searcher = open_searcher(all_stages, config, method, k=config.score.keep_k)
-    by_style = test_queries(config)
+    by_style = split_queries(config)
     emb = {q: np.asarray(e, np.float32) for q, e in rows(config, (
         "SELECT query_id, embedding FROM query_embeddings WHERE method = "
         f"'{method}'"))}
@@ -126,7 +123,7 @@ def test_every_query_kind_matches_what_score_stored(finished, method) -> None:
 def test_fusions_differ_and_k_limits(finished) -> None:
     config = load_config(finished)
     searcher = open_searcher(all_stages, config, "freestyle", k=3)
-    by_style = test_queries(config)
+    by_style = split_queries(config)
     _, _, path, _ = by_style["sketch"][0]
     query = Query(text="a red circle", image=path)
     got = {f: searcher.search([query], f)[0] for f in FUSIONS}
@@ -154,7 +151,7 @@ def test_text_query_prints_a_table(finished) -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_json_image_query_per_method_equals_the_stored_results(finished, method) -> None:
     config = load_config(finished)
-    qid, _, path, _ = test_queries(config)["art"][1]
+    qid, _, path, _ = split_queries(config)["art"][1]
     result = cli("--image", path, "--method", method, "--json", config=finished)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -172,7 +169,7 @@ def test_json_image_query_per_method_equals_the_stored_results(finished, method)
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_csv_fused_query_per_fusion(finished, fusion) -> None:
     config = load_config(finished)
-    by_style = test_queries(config)
+    by_style = split_queries(config)
     qid, photo, path, _ = by_style["sketch"][0]
     tid, text = next((q, t) for q, p, _, t in by_style["text"] if p == photo)
     result = cli("--image", path, "--text", text, "--fusion", fusion, "--k", "5", "--csv",
@@ -188,7 +185,7 @@ def test_csv_fused_query_per_fusion(finished, fusion) -> None:
 
 def test_default_fusion_is_softmax_max(finished) -> None:
     config = load_config(finished)
-    _, _, path, _ = test_queries(config)["lowres"][0]
+    _, _, path, _ = split_queries(config)["lowres"][0]
     default = json.loads(cli("--image", path, "--text", "a dot", "--json",
                              config=finished).stdout)
     explicit = json.loads(cli("--image", path, "--text", "a dot", "--json", "--fusion",
@@ -201,7 +198,7 @@ def test_default_fusion_is_softmax_max(finished) -> None:
 
 def batch_rows(config) -> tuple[list[dict], list[Query]]:
     """A query file's rows (good ones of each kind and two bad ones) and their queries."""
-    by_style = test_queries(config)
+    by_style = split_queries(config)
     sketch = by_style["sketch"][0][2]
     art = by_style["art"][0][2]
     text = by_style["text"][0][3]
@@ -255,7 +252,7 @@ def test_batch_default_out_streams_batches_and_relative_images(finished, tmp_pat
     """Rows in several batches (score.batch_size = 2), image paths relative to the file,
     written beside it as FILE.results.parquet; no `id` column, none in the output."""
     config = load_config(finished)
-    by_style = test_queries(config)
+    by_style = split_queries(config)
     sketches = [p for style in IMAGE_STYLES for _, _, p, _ in by_style[style]][:5]
     assert len(sketches) == 5
     folder = tmp_path / "q"
@@ -353,3 +350,14 @@ def test_query_help_loads_no_model_code() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
     assert "--queries" in done.stdout and "LOADED []" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_config_that_trains_nothing_can_be_queried(finished) -> None:
+    """score.methods = ["baseline"]: train plans no unit, and query still finds the run done."""
+    only = 'score.methods=["baseline"]'
+    commands.run(all_stages, load_config(finished, [only]), ["index"], progress=False)
+    result = cli("--text", "a red circle", "--json", "--set", only, config=finished)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["results"]) == 10
+    commands.run(all_stages, load_config(finished), ["score"],
+                 progress=False)  # the other tests' plans again
