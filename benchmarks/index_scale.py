@@ -382,7 +382,7 @@ def autofaiss_at_budget(root: Path, data: Path, args, budget_mb: int, store, xq:
             "r10": tuned["r10"], "qps": tuned["qps"]}
 
 
-def print_summary(summary: list[dict]) -> None:
+def print_summary(summary: list[dict], refused: dict[int, str]) -> None:
     """One table: every budget, ours and autofaiss side by side, ratios ours / autofaiss."""
     print("\nbudget  who        index                          build s  peak RSS   build added"
           "  in budget  index bytes  10-R@10  queries/s")
@@ -395,8 +395,11 @@ def print_summary(summary: list[dict]) -> None:
               f"{gib(r['peak']):>9}  {added:>11}  {within:>9}  {gib(r['index_bytes']):>11}  "
               f"{r['r10']:>7.4f}  {r['qps']:>9.0f}")
     print("(in budget: whole process peak RSS / what the build added to it)")
-    for budget in sorted({r["budget_mb"] for r in summary}, reverse=True):
+    for budget in sorted({r["budget_mb"] for r in summary} | set(refused), reverse=True):
         pair = {r["who"]: r for r in summary if r["budget_mb"] == budget}
+        if budget in refused:
+            print(f"{budget} MiB: autofaiss built no index ({refused[budget][:160]}); "
+                  f"ours {'did' if 'ours' in pair else 'did not either'}")
         if len(pair) == 2:
             o, a = pair["ours"], pair["autofaiss"]
             print(f"{budget} MiB, ours / autofaiss: build time {o['build_s'] / a['build_s']:.2f},"
@@ -452,6 +455,7 @@ def main() -> None:
                        max(args.queries, args.throughput_queries), args.seed)
     xq = np.ascontiguousarray(np.load(data / "queries.npy", mmap_mode="r")[:args.queries])
     summary, I_exact, store = [], None, None
+    refused: dict[int, str] = {}  # budget -> why autofaiss built no index
     for budget_mb in args.budgets_mb:
         if not args.reuse_builds:
             wait_for_quiet(args.wait_load, args.wait_max_s)
@@ -472,8 +476,15 @@ def main() -> None:
             print(f"ours at {budget_mb} MiB: {error}")
         # autofaiss after ours at each budget: a run cut short still has ours.
         if not args.skip_autofaiss:
-            summary.append(autofaiss_at_budget(root, data, args, budget_mb, store, xq, I_exact))
-    print_summary(summary)
+            try:
+                summary.append(autofaiss_at_budget(root, data, args, budget_mb, store, xq,
+                                                   I_exact))
+            except RuntimeError as error:  # e.g. it refuses: its index needs more memory
+                print(f"autofaiss at {budget_mb} MiB: {error}")
+                lines = str(error).splitlines()
+                refused[budget_mb] = next((line.split("[ERROR]:")[-1].strip()
+                                           for line in lines if "[ERROR]" in line), lines[0])
+    print_summary(summary, refused)
     search_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
     print(f"\nsearch process peak RSS {gib(search_peak)}; total "
           f"{time.perf_counter() - started_all:.0f}s; load average at end {os.getloadavg()}")
