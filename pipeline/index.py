@@ -46,6 +46,7 @@ from pipeline.index_plan import (  # noqa: F401 - re-exported
     parse_factory,
     plan_index,
 )
+from pipeline.index_plan import unwrap as _unwrap
 from pipeline.retrieval import SOFTMAX_SCALE, logsumexp_rows
 
 log = logging.getLogger(__name__)
@@ -217,13 +218,6 @@ def set_search_params(index: faiss.Index, nprobe: int, ef_search: int = 0) -> No
     inner = _unwrap(index)
     if ef_search and isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = ef_search
-
-
-def _unwrap(index: faiss.Index) -> faiss.Index:
-    index = faiss.downcast_index(index)
-    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
-        index = faiss.downcast_index(index.index)
-    return index
 
 
 def is_hnsw(index: faiss.Index) -> bool:

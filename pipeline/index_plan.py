@@ -245,7 +245,8 @@ def parse_factory(d: int, factory: str) -> faiss.Index:
             f"index factory string {factory!r} is not valid for d={d}: {message}") from error
 
 
-def _unwrap(index: faiss.Index) -> faiss.Index:
+def unwrap(index: faiss.Index) -> faiss.Index:
+    """The index inside IDMap / IDMap2 / pre-transform wrappers, downcast."""
     index = faiss.downcast_index(index)
     while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
         index = faiss.downcast_index(index.index)
@@ -254,7 +255,7 @@ def _unwrap(index: faiss.Index) -> faiss.Index:
 
 def family_of(index: faiss.Index) -> str:
     """flat | hnsw | ivf-flat | ivf-sq8 | ivf-pq | other, for an index or a factory's index."""
-    inner = _unwrap(index)
+    inner = unwrap(index)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf = faiss.downcast_index(ivf)
@@ -284,7 +285,7 @@ def plan_given(n: int, d: int, factory: str, budget: int, add_rows: int) -> Inde
     if ivf is not None:
         code_bytes = ivf_bytes(n, d, nlist, ivf.code_size, pq_extra)
     elif family == "hnsw":
-        code_bytes = hnsw_bytes(n, d, _unwrap(index).hnsw.nb_neighbors(1))
+        code_bytes = hnsw_bytes(n, d, unwrap(index).hnsw.nb_neighbors(1))
     else:
         code_bytes = n * (index.sa_code_size() + 8 + IDMAP2_BYTES)
     # Up to 256 per centroid, capped by the budget, never below FAISS's floor of 39.
