@@ -42,6 +42,7 @@ from pipeline.index_plan import (  # noqa: F401 - re-exported
     MAX_POINTS_PER_CENTROID,
     MIN_POINTS_PER_CENTROID,
     IndexPlan,
+    add_chunk_rows,
     family_of,
     parse_factory,
     plan_index,
@@ -177,7 +178,17 @@ def add_shard(index: faiss.Index, ids: np.ndarray, x: np.ndarray) -> None:
         raise ValueError(f"ids must be a ({len(x)},) array matching x; got shape {ids.shape}")
     if len(ids) and ids.min() < 0:
         raise ValueError("ids must be >= 0 (-1 means 'no result' in FAISS)")
-    index.add_with_ids(x, ids)
+    ivf = faiss.try_extract_index_ivf(index) if not _is_gpu(index) else None
+    if ivf is None:
+        index.add_with_ids(x, ids)
+        return
+    # In chunks: FAISS's residuals and PQ distance tables scale with the rows of one call
+    # (index_plan.ADD_CHUNK_BYTES); IVF codes do not depend on how the rows are split.
+    pq = getattr(faiss.downcast_index(ivf), "pq", None)
+    rows = add_chunk_rows(index.d, pq.M if pq is not None else 0,
+                          pq.ksub if pq is not None else 256)
+    for start in range(0, len(x), rows):
+        index.add_with_ids(x[start:start + rows], ids[start:start + rows])
 
 
 def save_index(index: faiss.Index, path: str | os.PathLike) -> Path:

@@ -181,7 +181,8 @@ class _StoreWriter:
         del mapped
 
     def write(self, start_row: int, x: np.ndarray) -> None:
-        data = np.ascontiguousarray(x, dtype=self.dtype).tobytes()
+        # A view of the rows, not a bytes copy: the add phase holds one shard already.
+        data = memoryview(np.ascontiguousarray(x, dtype=self.dtype)).cast("B")
         fd = os.open(self.path, os.O_WRONLY)
         try:
             offset = self.header + start_row * self.d * self.dtype.itemsize

@@ -59,6 +59,16 @@ SHARD_COPIES = 9
 # resident after adding 100k x 512 floats to 2048 lists in 10k-row shards.
 LIST_SLACK = 1.5
 CHECK_BLOCK_ROWS = 1 << 13  # store rows per exact-search block in the recall check
+# Encoding a batch of n rows with PQ of m sub-quantizers of >= 16 dims makes FAISS allocate an
+# (n, m, 256) float distance table (ProductQuantizer::compute_codes, its BLAS path): 10k rows
+# of PQ32 are 328 MB, which the first 1M x 512 build at 256 MiB spent on top of its estimate
+# (559 MiB added). IVF indexes are therefore filled in chunks of at most this much table or
+# residuals (`add_chunk_rows`), which the model counts; the results are the same.
+ADD_CHUNK_BYTES = 4 << 20
+# Per gallery vector outside the index: the build's id array (`ids.npy`, 8 bytes), and while
+# checking and tuning the store's ids, their argsort and sorted copy (`VectorStore`, 24 bytes).
+BUILD_ID_BYTES = 8
+STORE_ID_BYTES = 24
 TUNE_GATHER_BYTES = 16 << 20  # re-rank rows gathered per query batch while tuning
 
 
@@ -103,18 +113,35 @@ def ivf_bytes(n: int, d: int, nlist: int, code_size: int, pq_bytes: int = 0) -> 
     return int(n * (code_size + 8) * LIST_SLACK) + nlist * d * 4 + pq_bytes
 
 
+def add_chunk_rows(d: int, pq_m: int = 0, ksub: int = 256) -> int:
+    """Rows per add call into an IVF index: its residuals (n, d) floats and, for PQ with
+    sub-vectors of >= 16 dims, FAISS's (n, m, ksub) distance table stay within ADD_CHUNK_BYTES."""
+    row = 4 * max(d, pq_m * ksub if pq_m and d // pq_m >= 16 else 0)
+    return max(1, ADD_CHUNK_BYTES // row)
+
+
 def _check_bytes(n: int, d: int) -> int:
-    # Exact search streams blocks (two in flight); tuning gathers re-rank rows per batch.
-    return 2 * min(n, CHECK_BLOCK_ROWS) * 4 * d + min(2 * TUNE_GATHER_BYTES, 2 * n * 4 * d)
+    # Exact search streams blocks (two in flight); tuning gathers re-rank rows per batch; the
+    # store's ids are held with their argsort and sorted copy.
+    return (2 * min(n, CHECK_BLOCK_ROWS) * 4 * d + min(2 * TUNE_GATHER_BYTES, 2 * n * 4 * d)
+            + STORE_ID_BYTES * n)
 
 
 def build_bytes(index_bytes: int, growth: int, train_bytes: int, n: int, d: int,
-                add_rows: int) -> int:
+                add_rows: int, encode_bytes: int = 0) -> int:
     """Peak of the three phases: train (sample + copies, one shard being read), add (index +
-    growth + one shard in flight), check (index + exact-search blocks + re-rank rows)."""
+    growth + one shard in flight + the id array + one add chunk's encoding buffers), check
+    (index + exact-search blocks + re-rank rows + the store's ids)."""
     shard = add_rows * 4 * d
-    return max(train_bytes + SHARD_COPIES * shard, index_bytes + growth + SHARD_COPIES * shard,
+    return max(train_bytes + SHARD_COPIES * shard,
+               index_bytes + growth + SHARD_COPIES * shard + BUILD_ID_BYTES * n + encode_bytes,
                index_bytes + _check_bytes(n, d))
+
+
+def encode_bytes(d: int, add_rows: int, pq_m: int = 0, ksub: int = 256) -> int:
+    """Residuals and PQ distance table of one add chunk into an IVF index (see ADD_CHUNK_BYTES)."""
+    rows = min(add_rows, add_chunk_rows(d, pq_m, ksub))
+    return rows * 4 * max(d, pq_m * ksub if pq_m and d // pq_m >= 16 else 0)
 
 
 def _train_size(n: int, d: int, nlist: int, ksub: int, sample_budget: int,
@@ -165,7 +192,7 @@ def _ivf_candidate(n: int, d: int, budget: int, add_rows: int, nlist: int, code:
     if not train_size:
         return None
     peak = build_bytes(index, 0, int(train_size * 4 * d * copies) + coarse, n, d,
-                       add_rows)
+                       add_rows, encode_bytes(d, add_rows, m))
     if peak > budget:
         return None
     return IndexPlan(n, d, f"IVF{nlist},{code}", nlist, m, 8 if m else 0, train_size, index,
@@ -177,7 +204,8 @@ def _min_pq_build(n: int, d: int, add_rows: int) -> int:
     nlist = _nlists(n)[-1]
     index = ivf_bytes(n, d, nlist, 1, 256 * d * 4)
     train = min(n, MIN_POINTS_PER_CENTROID * max(nlist, 256)) * 4 * d * 2
-    return build_bytes(index, 0, train + nlist * d * 4 + 256 * d * 4, n, d, add_rows)
+    return build_bytes(index, 0, train + nlist * d * 4 + 256 * d * 4, n, d, add_rows,
+                       encode_bytes(d, add_rows, 1))
 
 
 def plan_auto(n: int, d: int, budget: int, add_rows: int) -> IndexPlan:
@@ -293,8 +321,9 @@ def plan_given(n: int, d: int, factory: str, budget: int, add_rows: int) -> Inde
     train_size = 0 if index.is_trained else max(
         min(n, MIN_POINTS_PER_CENTROID * ksub),
         min(n, MAX_POINTS_PER_CENTROID * ksub, budget // (4 * d)))
+    encode = encode_bytes(d, add_rows, m, 2**nbits) if ivf is not None else 0
     peak = build_bytes(code_bytes, 0, 2 * train_size * 4 * d + nlist * d * 4 + pq_extra, n, d,
-                       add_rows)
+                       add_rows, encode)
     notes = [f"given factory {factory!r} ({family})"]
     if train_size and nlist and train_size < MIN_POINTS_PER_CENTROID * nlist:
         notes.append(f"only {train_size // nlist} training points per centroid "

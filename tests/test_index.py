@@ -109,6 +109,56 @@ def test_auto_plan_by_budget_at_a_million(budget_mb, family, factory) -> None:
         assert 39 * plan.nlist <= plan.train_size <= 64 * max(plan.nlist, 256)
 
 
+def test_build_model_counts_pq_encoding_and_ids() -> None:
+    """The add phase counts the id array and one add chunk's PQ distance table, which FAISS
+    allocates per add call (n x m x 256 floats for sub-vectors of >= 16 dims): unchunked, 10k
+    rows of PQ32 were 328 MB the first 1M build at 256 MiB had not counted (issue 19)."""
+    from pipeline.index_plan import (
+        ADD_CHUNK_BYTES,
+        BUILD_ID_BYTES,
+        SHARD_COPIES,
+        add_chunk_rows,
+        encode_bytes,
+    )
+
+    rows = add_chunk_rows(512, 32)
+    assert rows * 32 * 256 * 4 <= ADD_CHUNK_BYTES and rows >= 64
+    assert encode_bytes(512, 10_000, 32) == rows * 32 * 256 * 4
+    assert encode_bytes(512, 10_000, 64) == add_chunk_rows(512, 64) * 512 * 4  # 8-dim: no table
+    plan = plan_index(**BENCH, max_memory_bytes=256 * MIB)
+    add_phase = (plan.estimated_bytes + SHARD_COPIES * 10_000 * 512 * 4
+                 + BUILD_ID_BYTES * plan.n + encode_bytes(512, 10_000, plan.pq_m))
+    assert add_phase <= plan.build_bytes <= 256 * MIB
+
+
+def test_add_shard_in_chunks_matches_one_call_and_bounds_the_pq_table() -> None:
+    """IVF-PQ is filled in chunks: the same index as one add_with_ids call, and adding 10k x 512
+    rows to PQ32 raises the peak RSS far less than FAISS's 328 MB one-call distance table."""
+    xb = _clustered(10_000, seed=3, d=512)
+    ids = np.arange(10_000, dtype=np.int64) + 5
+    plan = IndexPlan(10_000, 512, "IVF16,PQ32", 16, 32, 8, 10_000, 0, "test", "ivf-pq")
+    trained = train_index(plan, xb)
+    whole, chunked = faiss.clone_index(trained), faiss.clone_index(trained)
+    whole.add_with_ids(xb[:2000], ids[:2000])
+    add_shard(chunked, ids[:2000], xb[:2000])
+    for ivf in (whole, chunked):
+        faiss.extract_index_ivf(ivf).nprobe = 16
+    assert np.array_equal(whole.search(xb[:50], 10)[1], chunked.search(xb[:50], 10)[1])
+    status = "/proc/self/status"
+    try:
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now
+    except OSError:
+        pytest.skip("needs Linux /proc/self/clear_refs to measure the peak RSS")
+
+    def kib(field: str) -> int:
+        line = next(x for x in open(status) if x.startswith(field + ":"))
+        return int(line.split()[1])
+
+    before = kib("VmRSS")
+    add_shard(chunked, ids[2000:], xb[2000:])  # 8,000 rows: 262 MB of table in one call
+    assert (kib("VmHWM") - before) << 10 < 64 * MIB
+
+
 def test_auto_plan_gets_more_accurate_with_budget() -> None:
     families = [plan_index(**BENCH, max_memory_bytes=mb * MIB).family
                 for mb in (256, 512, 1024, 2048, 4096, 8192)]
