@@ -64,7 +64,7 @@ CHECK_BLOCK_ROWS = 1 << 13  # store rows per exact-search block in the recall ch
 # of PQ32 are 328 MB, which the first 1M x 512 build at 256 MiB spent on top of its estimate
 # (559 MiB added). IVF indexes are therefore filled in chunks of at most this much table or
 # residuals (`add_chunk_rows`), which the model counts; the results are the same.
-ADD_CHUNK_BYTES = 4 << 20
+ADD_CHUNK_BYTES = 8 << 20
 # Per gallery vector outside the index: the build's id array (`ids.npy`, 8 bytes), and while
 # checking and tuning the store's ids, their argsort and sorted copy (`VectorStore`, 24 bytes).
 BUILD_ID_BYTES = 8
