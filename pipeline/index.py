@@ -34,13 +34,6 @@ from pipeline.artifacts import atomic_path
 # Kept here for callers of pipeline.index; the planner and its memory model live in
 # pipeline/index_plan.py.
 from pipeline.index_plan import (  # noqa: F401 - re-exported
-    AUTO_POINTS_PER_CENTROID,
-    FLAT_BELOW,
-    GPU_PQ_M,
-    GPU_PQ_SUBDIM,
-    IDMAP2_BYTES,
-    MAX_POINTS_PER_CENTROID,
-    MIN_POINTS_PER_CENTROID,
     IndexPlan,
     add_chunk_rows,
     family_of,

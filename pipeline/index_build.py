@@ -20,6 +20,7 @@ idempotently.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -85,17 +86,21 @@ def release_memory() -> None:
     """Hand freed memory back to the OS after a shard: Arrow's pool (mimalloc / jemalloc) and
     glibc's heap keep freed shard-sized buffers resident otherwise (measured at 100k x 512:
     +175 MiB of RSS after reading 10 shards of 20 MB), which the build's budget cannot afford."""
-    import ctypes
-    import ctypes.util
-
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():  # noqa: ANN202 - a ctypes function or None
+    """glibc's malloc_trim, looked up once (find_library runs `ldconfig -p`); None elsewhere."""
+    import ctypes
+    import ctypes.util
+
     libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        libc = ctypes.CDLL(libc_name)
-        if hasattr(libc, "malloc_trim"):  # glibc only
-            libc.malloc_trim(0)
+    return getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
 
 
 def shard_dim(shard: Shard) -> int:

@@ -113,11 +113,16 @@ def ivf_bytes(n: int, d: int, nlist: int, code_size: int, pq_bytes: int = 0) -> 
     return int(n * (code_size + 8) * LIST_SLACK) + nlist * d * 4 + pq_bytes
 
 
+def _encode_row_bytes(d: int, pq_m: int, ksub: int) -> int:
+    """Per row added to an IVF index: its residual (d floats) or, for PQ with sub-vectors of
+    >= 16 dims, FAISS's (m, ksub) float distance table, whichever is larger."""
+    return 4 * max(d, pq_m * ksub if pq_m and d // pq_m >= 16 else 0)
+
+
 def add_chunk_rows(d: int, pq_m: int = 0, ksub: int = 256) -> int:
-    """Rows per add call into an IVF index: its residuals (n, d) floats and, for PQ with
-    sub-vectors of >= 16 dims, FAISS's (n, m, ksub) distance table stay within ADD_CHUNK_BYTES."""
-    row = 4 * max(d, pq_m * ksub if pq_m and d // pq_m >= 16 else 0)
-    return max(1, ADD_CHUNK_BYTES // row)
+    """Rows per add call into an IVF index, so one call's encoding buffers stay within
+    ADD_CHUNK_BYTES."""
+    return max(1, ADD_CHUNK_BYTES // _encode_row_bytes(d, pq_m, ksub))
 
 
 def _check_bytes(n: int, d: int) -> int:
@@ -140,8 +145,7 @@ def build_bytes(index_bytes: int, growth: int, train_bytes: int, n: int, d: int,
 
 def encode_bytes(d: int, add_rows: int, pq_m: int = 0, ksub: int = 256) -> int:
     """Residuals and PQ distance table of one add chunk into an IVF index (see ADD_CHUNK_BYTES)."""
-    rows = min(add_rows, add_chunk_rows(d, pq_m, ksub))
-    return rows * 4 * max(d, pq_m * ksub if pq_m and d // pq_m >= 16 else 0)
+    return min(add_rows, add_chunk_rows(d, pq_m, ksub)) * _encode_row_bytes(d, pq_m, ksub)
 
 
 def _train_size(n: int, d: int, nlist: int, ksub: int, sample_budget: int,

@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SEARCH_PARAMS = "search_params.json"
-# Re-rank rows gathered per query batch while tuning (the plan's memory model counts it).
-TUNE_GATHER_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,7 @@ def _measure(index, store: VectorStore, xq: np.ndarray, query_ids: np.ndarray,  
              I_exact: np.ndarray, nprobe: int, ef_search: int, rerank_k: int) -> RecallRow:
     from pipeline.index import knn_recall, search_rerank
     from pipeline.index_build import _drop_self
+    from pipeline.index_plan import TUNE_GATHER_BYTES  # what the plan's memory model counts
 
     k = min(11, store.n)
     width = max(k, rerank_k)
@@ -100,21 +99,20 @@ def _measure(index, store: VectorStore, xq: np.ndarray, query_ids: np.ndarray,  
                      knn_recall(found, I_exact, 10, 10), len(xq) / seconds, len(xq), ef_search)
 
 
-def exact_scores(index) -> bool:  # noqa: ANN001 - faiss
-    """Whether the index scores with the float vectors themselves (re-ranking adds nothing)."""
-    from pipeline.index import family_of
+def exact_scores(family: str) -> bool:
+    """Whether an index of this family scores with the float vectors themselves (re-ranking
+    adds nothing)."""
+    return family in ("flat", "hnsw", "ivf-flat")
 
-    return family_of(index) in ("flat", "hnsw", "ivf-flat")
 
-
-def sweep(index: faiss.Index, nlist: int, nprobes: Sequence[int], ef_searches: Sequence[int],
-          rerank_cap: int, n: int) -> list[tuple[int, int, int]]:
-    """(nprobe, ef_search, rerank_k) settings to measure for this index."""
+def sweep(index: faiss.Index, family: str, nlist: int, nprobes: Sequence[int],
+          ef_searches: Sequence[int], rerank_cap: int, n: int) -> list[tuple[int, int, int]]:
+    """(nprobe, ef_search, rerank_k) settings to measure for this index of `family`."""
     from pipeline.index import is_hnsw, is_ivf
 
     probes = _grid(nprobes, max(nlist, 1)) if is_ivf(index) else [0]
     efs = sorted(set(ef_searches)) if is_hnsw(index) else [0]
-    reranks = [0] if exact_scores(index) else rerank_grid(rerank_cap, n)
+    reranks = [0] if exact_scores(family) else rerank_grid(rerank_cap, n)
     return [(p, e, r) for p in probes for e in efs for r in reranks]
 
 
@@ -130,13 +128,15 @@ def choose(rows: Sequence[RecallRow], target: float) -> tuple[int, bool]:
 
 def tune_search(index: faiss.Index, store: VectorStore, n_queries: int, seed: int,
                 nprobes: Sequence[int], ef_searches: Sequence[int], rerank_cap: int,
-                target: float, nlist: int = 0) -> tuple[list[RecallRow], SearchParams]:
+                target: float, nlist: int = 0,
+                family: str | None = None) -> tuple[list[RecallRow], SearchParams]:
     """Measure every setting of the sweep on `n_queries` held-out gallery vectors; the rows
-    (the chosen one flagged) and the chosen SearchParams."""
+    (the chosen one flagged) and the chosen SearchParams. `family`: the plan's (read from a
+    CPU index when not given; faiss's GPU classes do not show it)."""
     from pipeline.index import family_of, sample_ids
     from pipeline.index_build import _drop_self, exact_search
 
-    family = family_of(index)
+    family = family or family_of(index)
     n_queries = min(n_queries, store.n)
     if n_queries == 0 or store.n < 2:
         return [], SearchParams(1, 0, 0, target, family=family,
@@ -146,7 +146,8 @@ def tune_search(index: faiss.Index, store: VectorStore, n_queries: int, seed: in
     _, I_exact = exact_search(store, xq, min(11, store.n))
     I_exact = _drop_self(I_exact, query_ids, 10)
     rows = [_measure(index, store, xq, query_ids, I_exact, p, e, r)
-            for p, e, r in sweep(index, nlist, nprobes, ef_searches, rerank_cap, store.n)]
+            for p, e, r in sweep(index, family, nlist, nprobes, ef_searches, rerank_cap,
+                                 store.n)]
     best, reached = choose(rows, target)
     rows[best] = RecallRow(**{**asdict(rows[best]), "chosen": True})
     r = rows[best]

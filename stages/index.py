@@ -103,7 +103,7 @@ class IndexStage(Stage):
         store = VectorStore.open(build.vectors_path)
         recall, params = tune_search(build.index, store, cfg.check_queries, seed,
                                      cfg.check_nprobe, cfg.ef_search, cfg.check_rerank_k,
-                                     cfg.target_recall, plan.nlist)
+                                     cfg.target_recall, plan.nlist, plan.family)
         for row in recall:
             ctx.log.info("index %s: nprobe %d, efSearch %d, rerank %d: 1-recall@1 %.3f, "
                          "10-recall@10 %.3f, %.0f queries/s%s", unit.key, row.nprobe,
