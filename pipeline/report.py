@@ -19,13 +19,12 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.artifacts import atomic_path
 from pipeline.config import Config
 from pipeline.stage import PipelineError, StageFactory
 
@@ -113,16 +112,8 @@ def write(factory: StageFactory, config: Config, out: Path | None = None) -> Pat
         raise PipelineError(f"--out {path} is a folder; give a file path such as "
                             f"{path / REPORT_FILE}")
     html = render(gather(factory, config))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the page from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(html, encoding="utf-8")
     return path
 
 
@@ -130,29 +121,38 @@ def gather(factory: StageFactory, config: Config) -> ReportData:
     """Everything the page shows, read from the catalog views of this config's plans."""
     from pipeline import commands, methods
 
-    def rows(sql: str) -> list[dict]:
-        return commands.sql(factory, config, sql).to_pylist()
+    def rows(sql: str | list[str]) -> list[dict] | list[list[dict]]:
+        result = commands.sql(factory, config, sql)
+        return [t.to_pylist() for t in result] if isinstance(sql, list) else result.to_pylist()
 
     configured = [(m.name, m.title) for m in methods.configured(config)]
     first = configured[0][0]
-    xy, labels, clusters = style_points(rows(
-        "SELECT q.style, a.cluster, g.gram FROM gram_features g "
-        "JOIN queries q USING (query_id) JOIN style_assignments a "
-        "ON a.item_kind = 'query' AND a.item_id = g.query_id "
-        f"ORDER BY hash(g.query_id), g.query_id LIMIT {STYLE_POINTS}"))
+    queries = {  # one connection for all (each `commands.sql` call opens one and plans all)
+        "style": "SELECT q.style, a.cluster, g.gram FROM gram_features g "
+                 "JOIN queries q USING (query_id) JOIN style_assignments a "
+                 "ON a.item_kind = 'query' AND a.item_id = g.query_id "
+                 f"ORDER BY hash(g.query_id), g.query_id LIMIT {STYLE_POINTS}",
+        "recall": "SELECT protocol, style, fusion, k, method, value, n_queries "
+                  "FROM retrieval_metrics WHERE metric = 'recall' ORDER BY ALL",
+        "history": "SELECT method, epoch, loss, val_recall_at_1 FROM train_history "
+                   "ORDER BY method, epoch",
+        "cluster": "SELECT name, labels_json, value FROM current_metrics WHERE stage = 'cluster'",
+        "index": "SELECT * FROM index_recall ORDER BY method, rerank_k, nprobe",
+        "failures": "SELECT * FROM failures_by_reason ORDER BY items DESC, stage, reason",
+    }
+    if len(configured) > 1:
+        queries["paired"] = commands.paired_sql(config)
+    got = dict(zip(queries, rows(list(queries.values()))))
+    xy, labels, clusters = style_points(got["style"])
     return ReportData(
         stamp=stamp(factory, config), work_dir=str(config.work_dir), methods=configured,
-        recall=rows("SELECT protocol, style, fusion, k, method, value, n_queries "
-                    "FROM retrieval_metrics WHERE metric = 'recall' ORDER BY ALL"),
-        paired=commands.paired_table(factory, config) if len(configured) > 1 else [],
-        history=rows("SELECT method, epoch, loss, val_recall_at_1 FROM train_history "
-                     "ORDER BY method, epoch"),
-        cluster_quality=cluster_quality(rows(
-            "SELECT name, labels_json, value FROM current_metrics WHERE stage = 'cluster'")),
+        recall=got["recall"],
+        paired=commands.with_pooled_and_p(got["paired"]) if "paired" in got else [],
+        history=got["history"], cluster_quality=cluster_quality(got["cluster"]),
         style_xy=xy, style_labels=labels, style_clusters=clusters,
-        index_recall=rows("SELECT * FROM index_recall ORDER BY method, rerank_k, nprobe"),
-        failures=rows("SELECT * FROM failures_by_reason ORDER BY items DESC, stage, reason"),
-        example_method=first, examples=examples(rows, first))
+        index_recall=got["index"], failures=got["failures"],
+        example_method=first,
+        examples=examples(rows, first, config.data.max_image_pixels))
 
 
 def cluster_quality(rows: list[dict]) -> list[dict]:
@@ -197,7 +197,8 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def examples(rows: Any, method: str) -> dict[str, dict[str, list[Example]]]:
+def examples(rows: Any, method: str,
+             max_pixels: int) -> dict[str, dict[str, list[Example]]]:
     """Per single query style: the EXAMPLES best and worst queries of `method` on the
     gallery protocol (by the target's rank, misses last; ties by id), none in both lists."""
     ranked = rows(
@@ -223,9 +224,10 @@ def examples(rows: Any, method: str) -> dict[str, dict[str, list[Example]]]:
         mine = [x for x in results if x["query_id"] == r["query_id"]]
         example = Example(
             query_id=r["query_id"], rank=r["rank"], text=r["text"],
-            thumb=_thumb(r["path"], thumbs), target_thumb=_thumb(r["target"], thumbs),
-            results=[(_thumb(x["path"], thumbs), x["image_id"] == r["target_id"], x["score"])
-                     for x in mine])
+            thumb=_thumb(r["path"], thumbs, max_pixels),
+            target_thumb=_thumb(r["target"], thumbs, max_pixels),
+            results=[(_thumb(x["path"], thumbs, max_pixels), x["image_id"] == r["target_id"],
+                      x["score"]) for x in mine])
         best = r["n"] <= min(EXAMPLES, (r["total"] + 1) // 2)
         out.setdefault(r["style"], {"best": [], "worst": []})[
             "best" if best else "worst"].append(example)
@@ -234,26 +236,27 @@ def examples(rows: Any, method: str) -> dict[str, dict[str, list[Example]]]:
     return out
 
 
-def _thumb(path: str | None, cache: dict[str, str | None]) -> str | None:
+def _thumb(path: str | None, cache: dict[str, str | None], max_pixels: int) -> str | None:
     if path is None:
         return None
     if path not in cache:
-        cache[path] = thumbnail(path)
+        cache[path] = thumbnail(path, max_pixels=max_pixels)
     return cache[path]
 
 
-def thumbnail(path: str, size: int = THUMB_PX) -> str | None:
-    """A JPEG data URI of the image at `path` downscaled to fit size x size px; None when
-    it cannot be read (a bad input the page shows as such)."""
-    from PIL import Image, UnidentifiedImageError
+def thumbnail(path: str, size: int = THUMB_PX, max_pixels: int = 40_000_000) -> str | None:
+    """A JPEG data URI of the image at `path` (read as the stages read images: EXIF-upright
+    RGB, at most `max_pixels`) downscaled to fit size x size px; None when it cannot be read
+    (a bad input the page shows as such)."""
+    from pipeline.data.images import BadInput, load_rgb
 
     try:
-        with Image.open(path) as image:
-            image.thumbnail((size, size))
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="JPEG", quality=85)
-    except (OSError, UnidentifiedImageError, ValueError):
+        image = load_rgb(path, max_pixels)
+    except BadInput:
         return None
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
