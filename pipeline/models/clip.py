@@ -317,6 +317,18 @@ def encode_image_baseline(model: nn.Module, images: torch.Tensor) -> torch.Tenso
     return F.normalize(features.float(), dim=-1)
 
 
+def pool_visual(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's tok/avg pooling with ln_post, then the projection, of a ViT's final tokens
+    x (N, 1 + patches, width) without prompts (the prompted models' shared last step)."""
+    if visual.pool_type == "tok":  # ln_post is per token: pooling first is the same
+        pooled = visual.ln_post(x[:, 0])
+    elif visual.final_ln_after_pool:
+        pooled = visual.ln_post(x[:, 1:].mean(dim=1))
+    else:
+        pooled = visual.ln_post(x[:, 1:]).mean(dim=1)
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
 def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Token ids (N, context_length) -> (N, embed_dim) float32, L2."""
     return F.normalize(model.encode_text(tokens).float(), dim=-1)

@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.gram import GramEncoder
-from pipeline.models.clip import clip_image_size, clip_pixels, encode_text
+from pipeline.models.clip import clip_image_size, clip_pixels, encode_text, pool_visual
 from pipeline.style_space import style_feature_torch
 
 PromptInit = Literal["style", "gram", "random"]
@@ -238,17 +238,6 @@ class FreestyleRet(nn.Module):
         x = visual.patch_dropout(x)
         return visual.ln_pre(x)
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        """open_clip's tok/avg pooling with ln_post, then the projection; x has no prompts."""
-        visual = self.clip.visual
-        if visual.pool_type == "tok":  # ln_post is per token: pooling first is the same
-            pooled = visual.ln_post(x[:, 0])
-        elif visual.final_ln_after_pool:
-            pooled = visual.ln_post(x[:, 1:].mean(dim=1))
-        else:
-            pooled = visual.ln_post(x[:, 1:]).mean(dim=1)
-        return pooled @ visual.proj if visual.proj is not None else pooled
-
     def vision_features(self, pixels: torch.Tensor,
                         prompts: dict[int, torch.Tensor] | None) -> torch.Tensor:
         """CLIP-ready pixels -> unnormalised features; prompts=None is the plain CLIP ViT."""
@@ -265,7 +254,7 @@ class FreestyleRet(nn.Module):
                 x = block(x)
         if n:
             x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
-        return self._pool(x)
+        return pool_visual(self.clip.visual, x)
 
     def encode_image(self, images: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
         """RGB [0, 1] (N, 3, H, W) -> (N, embed_dim) float32, L2 (docs/method.md 3 and 4).

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.clip import clip_image_size, clip_pixels
+from pipeline.models.clip import clip_image_size, clip_pixels, encode_text, pool_visual
 from pipeline.models.freestyle import PROMPT_INIT_STD, _check_visual
 from pipeline.splip_losses import SplipLossSpec
 
@@ -173,7 +173,7 @@ class Splip(nn.Module):
         clip.requires_grad_(False)
         with torch.no_grad():  # the frozen CLIP's class-name embeddings: adaptive margins
             prompts = tokenizer([f"a photo of a {c.replace('_', ' ')}." for c in classes])
-            class_text = F.normalize(clip.encode_text(prompts.to(_device(clip))).float(), dim=-1)
+            class_text = encode_text(clip, prompts.to(_device(clip)))
         self.register_buffer("class_text", class_text)
         for norm in self._layernorms() if spec.layernorm else []:
             norm.requires_grad_(True)
@@ -210,10 +210,6 @@ class Splip(nn.Module):
     @property
     def clip_image_size(self) -> int:
         return clip_image_size(self.clip)
-
-    @property
-    def uses_gram(self) -> bool:
-        return False
 
     def _text_layer_for(self, vision_layer: int) -> int:
         return vision_layer * self.text_layers // self.vision_layers
@@ -308,24 +304,13 @@ class Splip(nn.Module):
             x = block(x)
         tokens = x[:, 1 + n_extra:]
         x = torch.cat([x[:, :1], tokens], dim=1)
-        embedding = F.normalize(self._pool(x).float(), dim=-1)
+        embedding = F.normalize(pool_visual(self.clip.visual, x).float(), dim=-1)
         scores = None
         if logits:
             scale = self.clip.logit_scale.exp().float()
             scores = scale * torch.einsum("nd,ncd->nc", embedding,
                                           class_feats.expand(x.shape[0], -1, -1))
         return SplipOutput(embedding, scores, tokens)
-
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        """open_clip's tok/avg pooling with ln_post, then the projection; x has no prompts."""
-        visual = self.clip.visual
-        if visual.pool_type == "tok":
-            pooled = visual.ln_post(x[:, 0])
-        elif visual.final_ln_after_pool:
-            pooled = visual.ln_post(x[:, 1:].mean(dim=1))
-        else:
-            pooled = visual.ln_post(x[:, 1:]).mean(dim=1)
-        return pooled @ visual.proj if visual.proj is not None else pooled
 
     def encode_image(self, images: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
         """Gallery photos ("photo of a" domain) -> (N, D) float32, L2. `gram` is ignored."""
@@ -340,7 +325,7 @@ class Splip(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text queries: CLIP's text tower with its trained LayerNorms, no B_t tokens (there is
         no image to map), float32, L2."""
-        return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+        return encode_text(self.clip, tokens)
 
     def solve_jigsaw(self, sketch_tokens: torch.Tensor, photo_tokens: torch.Tensor) -> torch.Tensor:
         if self.solver is None:
