@@ -56,16 +56,17 @@ def similarities(qs: QuerySet, vectors: np.ndarray) -> np.ndarray:
 
 
 def dense_scores(qs: QuerySet, ids: np.ndarray, labels: np.ndarray, vectors: np.ndarray,
-                 map_ks: tuple[int, ...], precision_ks: tuple[int, ...], own_class: bool = False,
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(1-based rank of each query's own photo, {"map@k" / "precision@k": per-query values})
-    over the gallery (ids, labels, vectors), in chunks of queries. own_class: rank the own
-    photo among the photos of the query's class only (fg); no class-level values then."""
+                 map_ks: tuple[int, ...], precision_ks: tuple[int, ...],
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(1-based rank of each query's own photo; its rank among the photos of the query's
+    class only (fg); {"map@k" / "precision@k": per-query values}) over the gallery (ids,
+    labels, vectors), in one pass over chunks of queries."""
     column = {int(i): c for c, i in enumerate(ids.tolist())}
     own = np.array([column[int(t)] for t in qs.targets])
     names, counts = np.unique(labels, return_counts=True)
     m = len(ids)
     ranks = np.empty(len(own), dtype=np.int64)
+    class_ranks = np.empty(len(own), dtype=np.int64)
     per_query = {f"{n}@{k}": np.empty(len(own)) for n, ks in (("map", map_ks),
                  ("precision", precision_ks)) for k in ks}
     step = max(1, CHUNK_CELLS // max(m, 1))
@@ -75,8 +76,9 @@ def dense_scores(qs: QuerySet, ids: np.ndarray, labels: np.ndarray, vectors: np.
         rows = np.arange(len(S))
         at_least = S >= S[rows, own[start:start + len(S)]][:, None]
         same = labels[None, :] == part.labels[:, None]
-        ranks[start:start + len(S)] = (at_least & same if own_class else at_least).sum(axis=1)
-        if own_class or not per_query:
+        ranks[start:start + len(S)] = at_least.sum(axis=1)
+        class_ranks[start:start + len(S)] = (at_least & same).sum(axis=1)
+        if not per_query:
             continue
         I = np.argsort(-S, axis=1, kind="stable")
         relevant = labels[I] == part.labels[:, None]
@@ -88,7 +90,7 @@ def dense_scores(qs: QuerySet, ids: np.ndarray, labels: np.ndarray, vectors: np.
             depth = min(k or m, m)
             per_query[f"precision@{k}"][start:start + len(S)] = (
                 relevant[:, :depth].sum(axis=1) / depth)
-    return ranks, ({} if own_class else per_query)
+    return ranks, class_ranks, per_query
 
 
 def class_metric_rows(method: str, qs: QuerySet, protocol: str,
@@ -111,14 +113,15 @@ def score_zero_shot(method: str, qs: QuerySet, gallery: ClassGallery,
         return None
     queries = subset(qs, keep)
     in_unseen = np.isin(gallery.labels, list(gallery.unseen))
-    zs = (gallery.ids[in_unseen], gallery.labels[in_unseen], gallery.vectors[in_unseen])
+    zs, fg, zs_per_query = dense_scores(
+        queries, gallery.ids[in_unseen], gallery.labels[in_unseen], gallery.vectors[in_unseen],
+        cfg.zs_map_ks, cfg.zs_precision_ks)  # fg: the same pass, own class only
+    gzs, _, gzs_per_query = dense_scores(queries, gallery.ids, gallery.labels, gallery.vectors,
+                                         cfg.zs_map_ks, cfg.zs_precision_ks)
     rows: list[dict] = []
     ranks: list[pa.Table] = []
-    for protocol, (ids, labels, vectors) in (
-            ("zs", zs), ("gzs", (gallery.ids, gallery.labels, gallery.vectors)), ("fg", zs)):
-        fg = protocol == "fg"
-        found, per_query = dense_scores(queries, ids, labels, vectors, cfg.zs_map_ks,
-                                        cfg.zs_precision_ks, own_class=fg)
+    for protocol, found, per_query in (("zs", zs, zs_per_query), ("gzs", gzs, gzs_per_query),
+                                       ("fg", fg, {})):
         rows += recall_rows(method, queries, protocol, found, cfg.ks)
         rows += class_metric_rows(method, queries, protocol, per_query)
         ranks.append(ranks_table(method, queries, protocol, found, None))

@@ -79,6 +79,7 @@ class ScoreStage(Stage):
         from pipeline.arrays import vectors_to_arrow
         from pipeline.artifacts import describe, write_parquet
         from pipeline.evaluation import open_index, query_sets, schema, score_set
+        from pipeline.zero_shot import score_zero_shot
 
         cfg, method = ctx.config.score, unit.key
         index, store = open_index(ctx, ctx.config, method,
@@ -107,9 +108,10 @@ class ScoreStage(Stage):
                 metric_rows += scored.metric_rows
                 result_parts.append(scored.results)
                 rank_parts += scored.ranks
-                if zero_shot is not None:
-                    metric_rows, rank_parts = _add_zero_shot(method, qs, zero_shot, cfg,
-                                                             metric_rows, rank_parts)
+                if zero_shot is not None and (
+                        zs := score_zero_shot(method, qs, zero_shot, cfg)) is not None:
+                    metric_rows += zs.metric_rows
+                    rank_parts += zs.ranks
                 tick(len(qs.query_ids))
         search_seconds = time.monotonic() - started
         n_searched = sum(len(s.query_ids) for s in sets)
@@ -189,17 +191,6 @@ def _class_gallery(ctx: StageContext, store: VectorStore) -> Any:
     ids = gallery["image_id"].to_numpy()
     return ClassGallery(ids, np.asarray(gallery["class_label"].to_pylist()), store.lookup(ids),
                         unseen)
-
-
-def _add_zero_shot(method: str, qs: Any, gallery: Any, cfg: Any, metric_rows: list[dict],
-                   rank_parts: list[pa.Table]) -> tuple[list[dict], list[pa.Table]]:
-    """metric_rows and rank_parts with the zs / gzs / fg protocols' of one query set."""
-    from pipeline.zero_shot import score_zero_shot
-
-    scored = score_zero_shot(method, qs, gallery, cfg)
-    if scored is None:
-        return metric_rows, rank_parts
-    return metric_rows + scored.metric_rows, rank_parts + scored.ranks
 
 
 def _encode_queries(ctx: StageContext, method: str,

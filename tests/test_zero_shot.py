@@ -109,7 +109,7 @@ def test_acc_at_k_and_class_metrics_by_hand() -> None:
     # angle 0.9: order 13 12 14 11 10 15 -> rank 1.
     q = np.stack([np.cos([0.05, 0.9]), np.sin([0.05, 0.9])], axis=1)
     qs = _set(q, [12, 13], ["a", "b"])
-    ranks, per_query = dense_scores(qs, ids, labels, vectors, (0, 2), (1, 3))
+    ranks, fg, per_query = dense_scores(qs, ids, labels, vectors, (0, 2), (1, 3))
     assert ranks.tolist() == [3, 1]
     # Query 0: all 3 relevant first: AP = 1. Query 1: relevant 13 (rank 1), 14 (rank 3):
     # interpolated precision at hits: max(P@1..) = 1, max(P@3) = 2/3 -> AP@all = (1 + 2/3)/2.
@@ -119,7 +119,6 @@ def test_acc_at_k_and_class_metrics_by_hand() -> None:
                  np.array(["a", "b"]), labels, 6, ids))
     assert per_query["precision@1"].tolist() == [1.0, 1.0]
     assert per_query["precision@3"] == pytest.approx([1.0, 2 / 3])
-    fg, _ = dense_scores(qs, ids, labels, vectors, (), (), own_class=True)
     assert fg.tolist() == [3, 1]  # own photo among its class's photos only
 
     gallery = ClassGallery(ids, labels, vectors, frozenset({"a", "b"}))
@@ -140,7 +139,8 @@ def test_ties_count_against_the_query() -> None:
 
     vectors = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
     qs = _set(np.array([[1.0, 0.0]]), [1], ["a"])
-    ranks, _ = dense_scores(qs, np.array([0, 1, 2]), np.array(["a", "a", "a"]), vectors, (), ())
+    ranks, _, _ = dense_scores(qs, np.array([0, 1, 2]), np.array(["a", "a", "a"]), vectors,
+                               (), ())
     assert ranks.tolist() == [2]
 
 
