@@ -166,11 +166,13 @@ class Scored:
 
 
 def search_set(qs: QuerySet, index, store: VectorStore, depth: int,  # noqa: ANN001 - faiss
-               cfg: ScoreConfig) -> tuple[np.ndarray, np.ndarray]:
+               cfg: ScoreConfig, search: tuple[int, int, int] | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
     """The gallery protocol's (D, I), top `depth` per query, under the set's fusion, with the
     search parameters tuned by the index stage (search_params.json beside the store), or
-    score.nprobe / ef_search / rerank_k where set (index_tune.effective_search)."""
-    nprobe, ef_search, rerank_k = effective_search(cfg, store.path.parent)
+    score.nprobe / ef_search / rerank_k where set (index_tune.effective_search). `search`:
+    those (nprobe, ef_search, rerank_k), when the caller resolved them once per index."""
+    nprobe, ef_search, rerank_k = search or effective_search(cfg, store.path.parent)
     if qs.emb_partner is None:  # one query (a style, or the mean of two)
         return search_rerank(index, qs.emb, depth, nprobe, rerank_k, store.lookup, ef_search)
     softmax = qs.fusion == "softmax-max"
@@ -183,10 +185,11 @@ def search_set(qs: QuerySet, index, store: VectorStore, depth: int,  # noqa: ANN
 
 
 def score_set(method: str, qs: QuerySet, index, store: VectorStore,  # noqa: ANN001 - faiss
-              depth: int, cfg: ScoreConfig, gallery_labels) -> Scored:  # noqa: ANN001
+              depth: int, cfg: ScoreConfig, gallery_labels,  # noqa: ANN001
+              search: tuple[int, int, int] | None = None) -> Scored:
     """Both protocols for one query set: the gallery (through the index, top `depth`) and
     the authors' batch protocol (one query per photo, batches of score.batch_pairs)."""
-    D, I = search_set(qs, index, store, depth, cfg)
+    D, I = search_set(qs, index, store, depth, cfg, search)
     gallery_ranks = target_ranks(I, qs.targets)
     rows = recall_rows(method, qs, "gallery", gallery_ranks, cfg.ks)
     if gallery_labels is not None and qs.labels is not None:

@@ -158,6 +158,7 @@ class Searcher:
 
         from pipeline.device import resolve_device
         from pipeline.evaluation import open_index
+        from pipeline.index_tune import effective_search
 
         if k < 1:
             raise ConfigError(f"k must be >= 1; got {k}")
@@ -166,6 +167,8 @@ class Searcher:
         self.device = resolve_device(ctx.config.run.device)
         self.encoders = methods.get(method).load(ctx.config, ctx, self.device)
         self.index, self.store = open_index(ctx, ctx.config, method, k)
+        # The tuned search parameters, read once (not per batch of queries).
+        self.search_params = effective_search(ctx.config.score, self.store.path.parent)
         self.k = min(k, self.store.n)
         gallery = pa.concat_tables([
             pq.read_table(p, columns=["image_id", "path", "class_label"])
@@ -223,7 +226,8 @@ class Searcher:
                 emb = text_emb if kind == "text" else image_emb
                 qs = QuerySet(kind, "none", ids, None, none, None,
                               np.stack([emb[r] for r in rows]))
-            scores, found = search_set(qs, self.index, self.store, self.k, self.config.score)
+            scores, found = search_set(qs, self.index, self.store, self.k, self.config.score,
+                                       self.search_params)
             for pos, row in enumerate(rows):
                 keep = found[pos] >= 0
                 answers[row] = Answer(found[pos][keep], scores[pos][keep].astype(np.float32))

@@ -79,11 +79,13 @@ class ScoreStage(Stage):
         from pipeline.arrays import vectors_to_arrow
         from pipeline.artifacts import describe, write_parquet
         from pipeline.evaluation import open_index, query_sets, schema, score_set
+        from pipeline.index_tune import effective_search
         from pipeline.zero_shot import score_zero_shot
 
         cfg, method = ctx.config.score, unit.key
         index, store = open_index(ctx, ctx.config, method,
                                   max(max(cfg.ks), cfg.keep_k, cfg.map_k))
+        search = effective_search(cfg, store.path.parent)  # once, not per query set
         queries, gallery_labels = _test_queries(ctx, store)
         if not len(queries):
             raise PipelineError("score: no test-split query has its photo in the gallery; "
@@ -104,7 +106,8 @@ class ScoreStage(Stage):
         zero_shot = _class_gallery(ctx, store) if gallery_labels is not None else None
         with ctx.progress(f"score {method}", sum(len(s.query_ids) for s in sets)) as tick:
             for qs in sets:
-                scored = score_set(method, qs, index, store, depth, cfg, gallery_labels)
+                scored = score_set(method, qs, index, store, depth, cfg, gallery_labels,
+                                   search)
                 metric_rows += scored.metric_rows
                 result_parts.append(scored.results)
                 rank_parts += scored.ranks
