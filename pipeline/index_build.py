@@ -362,6 +362,17 @@ def _drop_self(lists: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def held_out_queries(store: VectorStore, n_queries: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query ids, their vectors, exact top-10 lists without the query's own id) for a seeded
+    sample of `n_queries` stored gallery vectors (n_queries <= store.n): a vector finding
+    itself would flatter the index, so checks measure finding *other* neighbours."""
+    query_ids = sample_ids(store.ids, n_queries, seed)
+    xq = store.lookup(query_ids)
+    _, I_exact = exact_search(store, xq, min(11, store.n))
+    return query_ids, xq, _drop_self(I_exact, query_ids, 10)
+
+
 def check_recall(
     index: faiss.Index,
     store: VectorStore,
@@ -379,10 +390,7 @@ def check_recall(
     n_queries = min(n_queries, store.n)
     if n_queries == 0:
         return []
-    query_ids = sample_ids(store.ids, n_queries, seed)
-    xq = store.lookup(query_ids)
-    _, I_exact = exact_search(store, xq, min(11, store.n))
-    I_exact = _drop_self(I_exact, query_ids, 10)
+    query_ids, xq, I_exact = held_out_queries(store, n_queries, seed)
     k_short = min(max(rerank_k, 11), store.n)
     ivf = is_ivf(index)
     rows = []

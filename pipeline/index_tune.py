@@ -133,18 +133,15 @@ def tune_search(index: faiss.Index, store: VectorStore, n_queries: int, seed: in
     """Measure every setting of the sweep on `n_queries` held-out gallery vectors; the rows
     (the chosen one flagged) and the chosen SearchParams. `family`: the plan's (read from a
     CPU index when not given; faiss's GPU classes do not show it)."""
-    from pipeline.index import family_of, sample_ids
-    from pipeline.index_build import _drop_self, exact_search
+    from pipeline.index import family_of
+    from pipeline.index_build import held_out_queries
 
     family = family or family_of(index)
     n_queries = min(n_queries, store.n)
     if n_queries == 0 or store.n < 2:
         return [], SearchParams(1, 0, 0, target, family=family,
                                 note="no check queries: FAISS's defaults, no re-ranking")
-    query_ids = sample_ids(store.ids, n_queries, seed)
-    xq = store.lookup(query_ids)
-    _, I_exact = exact_search(store, xq, min(11, store.n))
-    I_exact = _drop_self(I_exact, query_ids, 10)
+    query_ids, xq, I_exact = held_out_queries(store, n_queries, seed)
     rows = [_measure(index, store, xq, query_ids, I_exact, p, e, r)
             for p, e, r in sweep(index, family, nlist, nprobes, ef_searches, rerank_cap,
                                  store.n)]
