@@ -29,11 +29,12 @@ from pathlib import Path
 FINISHED = re.compile(r'>>> Finished "(.*)" in ([0-9.]+) secs')
 
 
-def peak_rss_kib() -> int:
-    """Peak RSS of this process's address space (VmHWM), KiB; ru_maxrss where unavailable."""
+def peak_rss_kib(field: str = "VmHWM") -> int:
+    """Peak (VmHWM) or current (VmRSS) RSS of this process's address space, KiB; ru_maxrss
+    where unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -65,6 +66,7 @@ def main() -> None:
     import autofaiss
     import faiss
 
+    rss_before = peak_rss_kib("VmRSS")  # imports done: what the build adds is on top
     handler = PhaseTimes()
     logging.getLogger("autofaiss").addHandler(handler)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,7 @@ def main() -> None:
     print(json.dumps({
         "seconds": seconds,
         "peak_rss_kib": peak_rss_kib(),
+        "rss_after_imports_kib": rss_before,
         "index_path": str(index_path),
         "index_bytes": index_path.stat().st_size,
         "index_key": infos.get("index_key"),
