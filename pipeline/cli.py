@@ -24,20 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.markup import escape
-from rich.table import Table
 
-from pipeline.progress import console
+from pipeline.table import Cell, Styled, color_on, paint, render
 
 if TYPE_CHECKING:
     from pipeline.commands import StageReport
     from pipeline.config import Config
 
 # Commands import what they compute with when they run (pipeline.commands: DuckDB; the stages'
-# compute: torch, open_clip, faiss), so `--help`, `status` and `sql` start in a fraction of a
-# second (docs/benchmarks.md, CLI start-up).
+# compute: torch, open_clip, faiss; rich for progress bars), so `--help`, `status` and `sql`
+# start in a fraction of a second (docs/benchmarks.md, CLI start-up). Tables and messages are
+# plain text (pipeline.table), coloured on a terminal.
 
 # rich_markup_mode=None: plain help and usage errors. Typer's rich help loads ~60 ms of
 # formatting modules (markdown_it, rich.markdown) before printing a line, which alone would
@@ -74,9 +71,8 @@ def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) 
                  "pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' on a CUDA 12 machine "
                  "(faiss-gpu-cu12); not both, they install the same faiss module")
     level = logging.WARNING if quiet else logging.INFO
-    if console.is_terminal:
-        handler: logging.Handler = RichHandler(console=console, show_path=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+    if sys.stderr.isatty():
+        handler: logging.Handler = _RichLog()
     else:  # plain lines for log files and schedulers
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -89,9 +85,34 @@ def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) 
     return load_config(config_path, overrides or [])
 
 
+class _RichLog(logging.Handler):
+    """rich's log handler on the progress bars' console, made at the first record: a command
+    that logs nothing (status, sql) does not import rich."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handler: logging.Handler | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._handler is None:
+            from rich.logging import RichHandler
+
+            from pipeline.progress import console
+
+            self._handler = RichHandler(console=console(), show_path=False)
+            self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._handler.emit(record)
+
+
+def _say(*parts: Cell) -> None:
+    """One message line on stderr (stdout carries tables and data), styled on a terminal."""
+    color = color_on(sys.stderr)
+    print("".join(paint(p.text, p.style, color) if isinstance(p, Styled) else p
+                  for p in parts), file=sys.stderr, flush=True)
+
+
 def _fail(exc: Exception | str, code: int) -> None:
-    # escape: messages name config sections as [model], which rich would read as markup.
-    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+    _say(Styled("error:", "bold red"), f" {exc}")
     raise typer.Exit(code)
 
 
@@ -136,8 +157,7 @@ def _guard(fn):  # noqa: ANN001, ANN202 - decorator keeps the command's signatur
             return fn(*args, **kwargs)
         except Exception as exc:
             if isinstance(exc, _loaded(("pipeline.executors.base", "HandedOff"))):
-                # e.g. Slurm scripts written for the user to submit
-                console.print(escape(str(exc)), highlight=False)
+                _say(str(exc))  # e.g. Slurm scripts written for the user to submit
                 raise typer.Exit(0) from None
             if isinstance(exc, _loaded(("pipeline.config", "ConfigError"))):
                 _fail(exc, 2)
@@ -182,20 +202,19 @@ def run_cmd(
               if target in ("all", "score") else None)
     recall, paired = tables if tables is not None else (None, [])
     if recall:
-        typer.echo(_render(_recall_view(recall, cfg)))
+        typer.echo(_table(*_recall_view(recall, cfg)))
         typer.echo(f"Again, or as data: fsr-pipe sql \"{commands.recall_sql(cfg)}\"{same}")
         if paired:
-            typer.echo(_render(_paired_view(paired, cfg)))
+            typer.echo(_table(*_paired_view(paired, cfg)))
             typer.echo(f"Wins and losses at every K: fsr-pipe sql "
                        f"\"{commands.paired_sql(cfg)}\"{same}")
     if target == "all" and recall is not None:
         path, _ = commands.report(all_stages, cfg, if_stale=True)  # kept when current
-        console.print(f"\nReport: [bold]{path}[/] (`fsr-pipe report{same}` rewrites it)",
-                      highlight=False, soft_wrap=True)
+        _say("\nReport: ", Styled(str(path), "bold"), f" (`fsr-pipe report{same}` rewrites it)")
     if target in ("all", "cluster", "score"):
-        console.print(f"\nResults in [bold]{cfg.work_dir}[/] (catalog: "
-                      f"{cfg.work_dir / 'catalog.duckdb'}). Try:\n"
-                      f"  fsr-pipe sql \"{FIRST_SQL}\"{same}", highlight=False, soft_wrap=True)
+        _say("\nResults in ", Styled(str(cfg.work_dir), "bold"),
+             f" (catalog: {cfg.work_dir / 'catalog.duckdb'}). Try:\n"
+             f"  fsr-pipe sql \"{FIRST_SQL}\"{same}")
 
 
 def _same_config(config: Path, overrides: list[str] | None) -> str:
@@ -213,24 +232,27 @@ def _method_columns(config: Config) -> list[tuple[str, str, str]]:
     return [(m.name, m.short, m.title) for m in methods.configured(config)]
 
 
-def _recall_view(rows: list[dict], config: Config) -> Table:
+View = tuple[list[str], list[list[Cell]], str | None]  # columns, rows, title
+
+
+def _recall_view(rows: list[dict], config: Config) -> View:
     """One row per (protocol, query set): Recall@K of each configured method per K."""
     ks = sorted({r["k"] for r in rows})
     methods = [m for m in _method_columns(config) if any(r[m[0]] is not None for r in rows)]
-    table = Table("protocol", "queries", "fusion", "n",
-                  *[f"R@{k} {short}" for k in ks for _, short, _ in methods],
-                  title="Recall@K on the test split: " + ", ".join(n for *_, n in methods))
+    columns = ["protocol", "queries", "fusion", "n",
+               *[f"R@{k} {short}" for k in ks for _, short, _ in methods]]
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         groups.setdefault((r["protocol"], r["style"], r["fusion"]), {})[r["k"]] = r
+    lines: list[list[Cell]] = []
     for (protocol, style, fusion), by_k in groups.items():
         cells = [_cell(by_k.get(k, {}).get(column)) for k in ks for column, _, _ in methods]
         n = next(iter(by_k.values()))["queries"]
-        table.add_row(protocol, style, fusion, str(n), *cells)
-    return table
+        lines.append([protocol, style, fusion, str(n), *cells])
+    return columns, lines, "Recall@K on the test split: " + ", ".join(n for *_, n in methods)
 
 
-def _paired_view(rows: list[dict], config: Config) -> Table:
+def _paired_view(rows: list[dict], config: Config) -> View:
     """One row per (protocol, query set) at the smallest K: the first method's wins and
     losses against each other method, query by query, and the sign test's p."""
     from pipeline.commands import SINGLE_STYLES
@@ -239,21 +261,22 @@ def _paired_view(rows: list[dict], config: Config) -> Table:
     rows = [r for r in rows if r["k"] == k]
     (_, first, _), *others = _method_columns(config)
     methods = [m for m in others if any(r["versus"] == m[0] for r in rows)]
-    table = Table("protocol", "queries", "fusion", "n",
-                  *[f"{first} vs {short}" for _, short, _ in methods],
-                  title=f"Query by query at R@{k}: +queries only {first} finds, -queries only "
-                        "the other finds; p: exact sign test (small p: a real difference)")
+    columns = ["protocol", "queries", "fusion", "n",
+               *[f"{first} vs {short}" for _, short, _ in methods]]
+    title = (f"Query by query at R@{k}: +queries only {first} finds, -queries only the other "
+             "finds; p: exact sign test (small p: a real difference)")
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["protocol"], r["style"], r["fusion"]), {})[r["versus"]] = r
     # As the recall table (gallery first, query sets by name), each protocol's pooled line last.
+    lines: list[list[Cell]] = []
     for (protocol, style, fusion), by_method in sorted(groups.items(), key=lambda g: (
             g[0][0] != "gallery", g[0][0], g[0][1] == SINGLE_STYLES, g[0][1:])):
         cells = [f"+{r['wins']} -{r['losses']} p={r['p']:.2g}" if r else ""
                  for r in (by_method.get(column) for column, _, _ in methods)]
         n = max(r["queries"] for r in by_method.values())
-        table.add_row(protocol, style, fusion, str(n), *cells)
-    return table
+        lines.append([protocol, style, fusion, str(n), *cells])
+    return columns, lines, title
 
 
 @app.command("stage")
@@ -274,10 +297,10 @@ def stage_cmd(
     cfg = _setup(config, overrides, quiet)
     records = commands.work(all_stages, cfg, name, shard=shard)
     for r in records:
-        console.print(f"  {r.stage} {r.unit_key}: {r.rows} rows in {r.seconds:.1f}s "
-                      f"(record written; `fsr-pipe status` ingests it)", highlight=False)
+        _say(f"  {r.stage} {r.unit_key}: {r.rows} rows in {r.seconds:.1f}s "
+             f"(record written; `fsr-pipe status` ingests it)")
     if not records:
-        console.print("Nothing to do: those units are done or running elsewhere.")
+        _say("Nothing to do: those units are done or running elsewhere.")
 
 
 @app.command("plan")
@@ -295,9 +318,8 @@ def plan_cmd(
 
     cfg = _setup(config, overrides, quiet)
     for r in commands.run(all_stages, cfg, [name], plan_only=True):
-        console.print(f"  {r.stage:<10} {r.units} unit(s) planned (fingerprint "
-                      f"{r.fingerprint}): {cfg.work_dir / r.stage / r.fingerprint / '_plan.json'}",
-                      highlight=False)
+        _say(f"  {r.stage:<10} {r.units} unit(s) planned (fingerprint {r.fingerprint}): "
+             f"{cfg.work_dir / r.stage / r.fingerprint / '_plan.json'}")
 
 
 @app.command("worker", hidden=True)
@@ -312,8 +334,7 @@ def worker_cmd(
     from pipeline.worker import run_job_file
 
     for r in run_job_file(job_file, units):
-        console.print(f"  {r.stage} {r.unit_key}: {r.rows} rows in {r.seconds:.1f}s",
-                      highlight=False)
+        _say(f"  {r.stage} {r.unit_key}: {r.rows} rows in {r.seconds:.1f}s")
 
 
 @app.command("status")
@@ -325,18 +346,20 @@ def status_cmd(config: ConfigOption = Path("pipeline.toml"), overrides: SetOptio
     from stages import all_stages
 
     cfg = _setup(config, overrides, quiet=True)
-    table = Table("stage", "fingerprint", "done", "pending", "running", "lost", "failed",
-                  "stale", "rows", "seconds", "notes", title=f"fsr-pipe status: {cfg.work_dir}")
     statuses = commands.status(all_stages, cfg)
+    rows: list[list[Cell]] = []
     for st in statuses:
         if not st.planned:
-            state = ["[dim]not planned[/]", "", "", "", "", str(st.stale or "")]
+            state: list[Cell] = [Styled("not planned", "dim"), "", "", "", "",
+                                 str(st.stale or "")]
         else:
             state = [str(st.done), str(st.pending), str(st.running), str(st.lost),
-                     f"[red]{st.failed}[/]" if st.failed else "0", str(st.stale or "")]
-        table.add_row(st.stage, st.fingerprint, *state, f"{st.rows:,}", f"{st.seconds:.1f}",
-                      escape(st.notes or ""))
-    typer.echo(_render(table))
+                     Styled(str(st.failed), "red") if st.failed else "0", str(st.stale or "")]
+        rows.append([st.stage, st.fingerprint, *state, f"{st.rows:,}", f"{st.seconds:.1f}",
+                     st.notes or ""])
+    typer.echo(_table(["stage", "fingerprint", "done", "pending", "running", "lost", "failed",
+                       "stale", "rows", "seconds", "notes"], rows,
+                      f"fsr-pipe status: {cfg.work_dir}"))
     if ingested := sum(st.ingested for st in statuses):
         typer.echo(f"Ingested {ingested} unit record(s) that workers finished since the last "
                    "run.")
@@ -394,12 +417,12 @@ def query_cmd(
     cfg = _setup(config, overrides, quiet=quiet or as_json or as_csv)
     if queries is not None:
         report = commands.query_file(all_stages, cfg, queries, out, method, k, fusion)
-        console.print(f"{report.queries} queries in {report.seconds:.1f}s "
-                      f"({report.per_s:,.1f}/s) -> {report.out}", highlight=False)
+        _say(f"{report.queries} queries in {report.seconds:.1f}s ({report.per_s:,.1f}/s) "
+             f"-> {report.out}")
         for row, why in report.failed[:10]:
-            console.print(f"  [red]row {row}:[/] {escape(why)}", highlight=False)
+            _say(Styled(f"  row {row}:", "red"), f" {why}")
         if len(report.failed) > 10:
-            console.print(f"  ... {len(report.failed) - 10} more (rows with `error` set)")
+            _say(f"  ... {len(report.failed) - 10} more (rows with `error` set)")
         return
     used, rows = commands.query(all_stages, cfg, text, None if image is None else str(image),
                                 method, k, fusion)
@@ -419,12 +442,10 @@ def query_cmd(
         asked = " + ".join(([f"image {image}"] if image else [])
                            + ([f"text {text!r}"] if text is not None else []))
         how = f", {fusion}" if text is not None and image else ""
-        table = Table("rank", "image_id", "path", "class", "score",
-                      title=escape(f"{used}: {asked}{how}, top {len(rows)}"))
-        for r in rows:
-            table.add_row(str(r["rank"]), str(r["image_id"]), escape(r["path"] or ""),
-                          escape(r["class"] or ""), f"{r['score']:.4f}")
-        typer.echo(_render(table))
+        typer.echo(_table(["rank", "image_id", "path", "class", "score"],
+                          [[str(r["rank"]), str(r["image_id"]), r["path"] or "",
+                            r["class"] or "", f"{r['score']:.4f}"] for r in rows],
+                          f"{used}: {asked}{how}, top {len(rows)}"))
 
 
 @app.command("reset")
@@ -447,7 +468,7 @@ def reset_cmd(
         typer.confirm(f"Delete every result of {name} and of each stage after it in "
                       f"{cfg.work_dir}?", abort=True)
     names = commands.reset(all_stages, cfg, name)
-    console.print(f"reset: {', '.join(names)}")
+    _say(f"reset: {', '.join(names)}")
 
 
 @app.command("sql")
@@ -478,10 +499,7 @@ def sql_cmd(
         return
     columns, rows = result
     max_rows = 50 if max_rows is None else max_rows
-    table = Table(*columns)
-    for row in rows[:max_rows]:
-        table.add_row(*(_cell(v) for v in row))
-    typer.echo(_render(table))
+    typer.echo(_table(columns, [[_cell(v) for v in row] for row in rows[:max_rows]]))
     if len(rows) > max_rows:
         typer.echo(f"({len(rows)} rows, {max_rows} shown; --max-rows to see more)")
 
@@ -527,21 +545,18 @@ def _cell(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def _render(table: Table) -> str:
-    # Tables go to stdout (pipeable); wide enough not to wrap when stdout is a file or pipe.
-    out = Console(width=None if sys.stdout.isatty() else 200)
-    with out.capture() as capture:
-        out.print(table)
-    return capture.get().rstrip("\n")
+def _table(columns: list[str], rows: list[list[Cell]], title: str | None = None) -> str:
+    """A table for stdout (pipeable), coloured on a terminal."""
+    return render(columns, rows, title, color=color_on(sys.stdout))
 
 
 def _print_reports(reports: list[StageReport]) -> None:
     ran = sum(r.ran for r in reports)
     for r in reports:
-        console.print(f"  {r.stage:<10} {r.ran} unit(s) run, {r.skipped} already done "
-                      f"(fingerprint {r.fingerprint})", highlight=False)
+        _say(f"  {r.stage:<10} {r.ran} unit(s) run, {r.skipped} already done "
+             f"(fingerprint {r.fingerprint})")
     if ran == 0:
-        console.print("Nothing to do: every unit is done for this config.")
+        _say("Nothing to do: every unit is done for this config.")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from pipeline.catalog import Catalog
 from pipeline.config import Config
 from pipeline.jobs import Job, PlanMissing, plan_path, read_plan
 from pipeline.leases import read_lease, read_leases
-from pipeline.progress import ProgressBoard
 from pipeline.records import UnitRecord, read_record
 from pipeline.runner import (
     Runner,
@@ -46,6 +45,8 @@ def run(factory: StageFactory, config: Config, targets: list[str],
     if plan_only and "all" in targets:
         raise PipelineError("`fsr-pipe plan` plans one stage whose inputs are complete; "
                             "`fsr-pipe run all` runs every stage")
+    from pipeline.progress import ProgressBoard
+
     with ProgressBoard(progress) as board:
         return Runner(config, factory, board).run(names, plan_only=plan_only)
 
@@ -84,6 +85,8 @@ def work(factory: StageFactory, config: Config, stage: str, shard: int | None = 
     stages[stage].check(config)
     out_dir = config.work_dir / stage / fp
     written = []
+    from pipeline.progress import ProgressBoard
+
     with ProgressBoard(progress) as board:
         for key, params in wanted:  # one unit's files each: an array task reads no others
             record = read_record(out_dir, key)
@@ -229,6 +232,8 @@ def query_file(factory: StageFactory, config: Config, path: str | Path,
     method, fusion = check_method(config, method), check_fusion(fusion)
     query_columns(path)  # the file's errors before the model loads
     searcher = open_searcher(factory, config, method, k)
+    from pipeline.progress import ProgressBoard
+
     with ProgressBoard(progress) as board:
         return search_file(searcher, path, out, fusion, board.task)
 

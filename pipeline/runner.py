@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.artifacts import remove_stale_tmp
 from pipeline.catalog import Catalog
@@ -22,10 +23,12 @@ from pipeline.config import Config
 from pipeline.executors import Executor, Outcome, make_executor
 from pipeline.jobs import Inputs, Job, StagePlan, plan_path, write_plan
 from pipeline.leases import read_leases, release
-from pipeline.progress import ProgressBoard
 from pipeline.records import PlanRow, UnitRecord, UnitRow, check_record, read_records, run_relative
 from pipeline.stage import PipelineError, Stage, StageContext, StageFactory, factory_name
 from pipeline.worker import GOOD_ITEMS
+
+if TYPE_CHECKING:
+    from pipeline.progress import ProgressBoard
 
 INGEST_EVERY_S = 2.0  # ingest finished records at most this often (and when a round ends)
 

@@ -473,7 +473,7 @@ def test_batch_drop_last_scores_full_batches_only(finished) -> None:
 
 
 LOADED = ("import atexit, json, sys\n"
-          "HEAVY = ('torch', 'open_clip', 'faiss', 'numpy', 'pyarrow')\n"
+          "HEAVY = ('torch', 'open_clip', 'faiss', 'numpy', 'pyarrow', 'rich')\n"
           "atexit.register(lambda: print('LOADED ' + json.dumps(sorted(\n"
           "    m for m in HEAVY if m in sys.modules))))\n"
           "from pipeline.cli import app\n"
@@ -488,7 +488,8 @@ LOADED = ("import atexit, json, sys\n"
 ])
 def test_light_commands_do_not_import_the_model_code(finished, args, allowed) -> None:
     """A finished run: `--help`, `status`, `sql` and a `run all` with nothing to do load no
-    torch, open_clip or faiss (issue 19: an instant CLI; docs/benchmarks.md)."""
+    torch, open_clip or faiss, and no rich when stderr is not a terminal (issue 19: an
+    instant CLI; docs/benchmarks.md)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     config = [] if args == ["--help"] else ["--config", str(finished)]
     if args[0] == "run":  # a no-op run all finds its report current (else it writes it)
