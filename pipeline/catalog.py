@@ -11,7 +11,9 @@ and docs/distributed.md.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -76,6 +78,22 @@ def _no_lock_support(exc: duckdb.Error) -> bool:
     return any(text in str(exc) for text in _NO_LOCKS)
 
 
+class _Held:
+    """A `held` block's connection (opened by its first use) and whether a `released` block
+    has closed it for the moment."""
+
+    def __init__(self) -> None:
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.released = False
+
+
+# The catalog files held by the running code, by path: every Catalog of a held file shares
+# its connection (the CLI's run, its result tables and its report check are separate calls).
+# Per thread and context: another thread opens its own connections.
+_HELD: contextvars.ContextVar[dict[Path, _Held] | None] = contextvars.ContextVar(
+    "fsr_pipe_catalog_held", default=None)
+
+
 def _sql_string(text: str) -> str:
     # DDL (CREATE VIEW) cannot take `?` parameters, so file paths are quoted here.
     return "'" + text.replace("'", "''") + "'"
@@ -87,7 +105,6 @@ class Catalog:
     def __init__(self, path: str | Path, timeout_s: float = 300.0) -> None:
         self.path = Path(path)
         self.timeout_s = timeout_s
-        self._held: duckdb.DuckDBPyConnection | None = None
 
     @classmethod
     def in_dir(cls, work_dir: str | Path, timeout_s: float = 300.0) -> Catalog:
@@ -97,28 +114,63 @@ class Catalog:
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """One read-write connection for the whole block, which every call in it reuses.
+        """One read-write connection for the whole block, opened by its first use, which every
+        call in it reuses (of any Catalog of this file, in this thread).
 
-        Opening the database costs ~10 ms, and a no-op `fsr-pipe run all` makes ~170 small
-        reads: held, it opens once. Other processes wait while it is open (one writer per
-        file), so hold it around short catalog work only, never while units run."""
-        if self._held is not None:  # nested: the outer block holds it
+        Opening the database costs 10-20 ms, and a no-op `fsr-pipe run all` makes dozens of
+        small reads: held, it opens once. Other processes wait while it is open (one writer
+        per file), so hold it around short catalog work only; around units that run, the
+        runner `released` it."""
+        held = _HELD.get() or {}
+        if self.path in held:  # nested: the outer block holds it
             yield
             return
-        with self.connect() as con:
-            self._held = con
-            try:
-                yield
-            finally:
-                self._held = None
+        slot = _Held()
+        token = _HELD.set({**held, self.path: slot})
+        try:
+            yield
+        finally:
+            _HELD.reset(token)
+            if slot.con is not None:
+                slot.con.close()
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Inside a `held` block: close its connection for this block (units run here, and
+        other processes may need the file); the next use after the block opens it again."""
+        slot = (_HELD.get() or {}).get(self.path)
+        if slot is None or slot.released:
+            yield
+            return
+        if slot.con is not None:
+            slot.con.close()
+            slot.con = None
+        slot.released = True
+        try:
+            yield
+        finally:
+            slot.released = False
+
+    def _held_slot(self) -> _Held | None:
+        slot = (_HELD.get() or {}).get(self.path)
+        return None if slot is None or slot.released else slot
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection held only for the `with` block (or the one `held` keeps open);
         waits while another process holds the file."""
-        if self._held is not None:
-            yield self._held
+        if (slot := self._held_slot()) is not None:
+            if slot.con is None:
+                slot.con = self._open(read_only=False)
+            yield slot.con
             return
+        con = self._open(read_only)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         if read_only and not self.path.exists():
             raise FileNotFoundError(
                 f"no catalog at {self.path}; run `fsr-pipe run all` first (or check run.work_dir)"
@@ -128,8 +180,7 @@ class Catalog:
         delay = 0.01
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only)
-                break
+                return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.Error as exc:
                 if _no_lock_support(exc):
                     raise CatalogBusy(
@@ -147,10 +198,6 @@ class Catalog:
                     ) from exc
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)
-        try:
-            yield con
-        finally:
-            con.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -175,9 +222,21 @@ class Catalog:
     # -- schema ------------------------------------------------------------------------------
 
     def init(self) -> None:
-        """Create tables and views if missing (idempotent); refuse a newer schema."""
+        """Create tables and views if missing (idempotent); refuse a newer schema.
+
+        A catalog made by the same schema.sql and views.sql (their hash is the comment on
+        `schema_version`) is left as it is: re-creating every view is a write, and a
+        database written to checkpoints when it closes (~25 ms of each no-op run)."""
+        files = _read_sql("schema.sql"), _read_sql("views.sql")
+        made_by = hashlib.sha256("\0".join(files).encode()).hexdigest()
+        with self.connect() as con:
+            found = con.execute("SELECT comment FROM duckdb_tables() WHERE table_name = "
+                                "'schema_version' AND schema_name = 'main'").fetchall()
+            if found == [(made_by,)] and con.execute(
+                    "SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION:
+                return
         with self.transaction() as con:
-            con.execute(_read_sql("schema.sql"))
+            con.execute(files[0])
             found = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
             if found is None:
                 con.execute(
@@ -188,7 +247,8 @@ class Catalog:
                     f"catalog {self.path} has schema v{found}, newer than this fsr-pipe "
                     f"(v{SCHEMA_VERSION}); upgrade fsr-pipe or use another run.work_dir"
                 )
-            con.execute(_read_sql("views.sql"))
+            con.execute(files[1])
+            con.execute(f"COMMENT ON TABLE schema_version IS {_sql_string(made_by)}")
 
     # -- plans -------------------------------------------------------------------------------
 
@@ -204,6 +264,20 @@ class Catalog:
         )
         return [UnitRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
                 for r in rows]
+
+    def units_of(self, plans: Sequence[tuple[str, str]]) -> dict[str, list[UnitRow]]:
+        """units() of several (stage, fingerprint) plans, by stage, from one query."""
+        if not plans:
+            return {}
+        pairs = ", ".join("(?, ?)" for _ in plans)
+        found: dict[str, list[UnitRow]] = {}
+        for r in self.rows(
+                "SELECT stage, unit_key, fingerprint, status, params_json, host, pid, attempts "
+                f"FROM units WHERE (stage, fingerprint) IN ({pairs}) ORDER BY stage, unit_key",
+                [v for plan in plans for v in plan]):
+            found.setdefault(r[0], []).append(
+                UnitRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7]))
+        return found
 
     def save_plan(
         self,
@@ -372,37 +446,48 @@ class Catalog:
         artifact views `sql` names are made: each reads its Parquet files' schemas (the views
         of views.sql read tables, never artifact views).
         """
-        # Its temporary views would shadow `stages` for the rest of a held connection.
-        assert self._held is None, "query_plans opens its own read-only connection"
+        # In a `held` block its (read-write) connection, the temporary views dropped after, as
+        # they would shadow `stages` for the rest of the block; else a read-only connection.
         with self.connect(read_only=True) as con:
-            rows = ", ".join("(" + ", ".join(
-                str(int(v)) if isinstance(v, int) else _sql_string(v) if v is not None
-                else "NULL::INTEGER" if f.name == "position" else "NULL::VARCHAR"
-                for f, v in zip(dataclasses.fields(p), dataclasses.astuple(p))) + ")"
-                for p in plans)
-            db = '"' + con.execute("SELECT current_database()").fetchone()[0] + '"'
-            con.execute(
-                "CREATE TEMP VIEW stages AS SELECT p.stage, p.fingerprint, p.code_version, "
-                "p.config_json, p.inputs_json, p.notes, s.planned_at, p.position FROM (VALUES "
-                f"{rows}) p(stage, fingerprint, code_version, config_json, inputs_json, notes, "
-                "position) "
-                f"LEFT JOIN {db}.main.stages s USING (stage, fingerprint) WHERE EXISTS (SELECT 1 "
-                f"FROM {db}.main.units u WHERE u.stage = p.stage AND u.fingerprint = p.fingerprint)"
-            )
-            queries = [sql] if isinstance(sql, str) else list(sql)
-            named = [spec for spec in specs if any(
-                re.search(rf"\b{re.escape(spec.name)}\b", q, re.IGNORECASE) for q in queries)]
-            for spec, body in zip(named, _view_bodies(con, named)):
-                con.execute(f"CREATE TEMP VIEW {spec.name} AS {body}")
-            results = []
-            for query in queries:
-                relation = con.sql(query)
-                if relation is None:  # a statement that returns nothing
-                    raise duckdb.InvalidInputException(
-                        f"not a query (it returns no rows): {query}")
-                results.append(_to_arrow(relation) if arrow
-                               else (relation.columns, relation.fetchall()))
-            return results[0] if isinstance(sql, str) else results
+            made = ["stages"]
+            try:
+                return self._query_plans(con, sql, plans, specs, arrow, made)
+            finally:
+                if self._held_slot() is not None:
+                    for name in made:
+                        con.execute(f"DROP VIEW IF EXISTS temp.main.{name}")
+
+    def _query_plans(self, con: duckdb.DuckDBPyConnection, sql: str | Sequence[str],
+                     plans: Sequence[PlanRow], specs: Sequence[ViewSpec], arrow: bool,
+                     made: list[str]) -> Any:
+        rows = ", ".join("(" + ", ".join(
+            str(int(v)) if isinstance(v, int) else _sql_string(v) if v is not None
+            else "NULL::INTEGER" if f.name == "position" else "NULL::VARCHAR"
+            for f, v in zip(dataclasses.fields(p), dataclasses.astuple(p))) + ")"
+            for p in plans)
+        db = '"' + con.execute("SELECT current_database()").fetchone()[0] + '"'
+        con.execute(
+            "CREATE TEMP VIEW stages AS SELECT p.stage, p.fingerprint, p.code_version, "
+            "p.config_json, p.inputs_json, p.notes, s.planned_at, p.position FROM (VALUES "
+            f"{rows}) p(stage, fingerprint, code_version, config_json, inputs_json, notes, "
+            "position) "
+            f"LEFT JOIN {db}.main.stages s USING (stage, fingerprint) WHERE EXISTS (SELECT 1 "
+            f"FROM {db}.main.units u WHERE u.stage = p.stage AND u.fingerprint = p.fingerprint)"
+        )
+        queries = [sql] if isinstance(sql, str) else list(sql)
+        named = [spec for spec in specs if any(
+            re.search(rf"\b{re.escape(spec.name)}\b", q, re.IGNORECASE) for q in queries)]
+        for spec, body in zip(named, _view_bodies(con, named)):
+            con.execute(f"CREATE TEMP VIEW {spec.name} AS {body}")
+            made.append(spec.name)
+        results = []
+        for query in queries:
+            relation = con.sql(query)
+            if relation is None:  # a statement that returns nothing
+                raise duckdb.InvalidInputException(f"not a query (it returns no rows): {query}")
+            results.append(_to_arrow(relation) if arrow
+                           else (relation.columns, relation.fetchall()))
+        return results[0] if isinstance(sql, str) else results
 
 
 def _view_bodies(con: duckdb.DuckDBPyConnection, specs: Sequence[ViewSpec]) -> list[str]:

@@ -194,12 +194,13 @@ def run_cmd(
     from stages import all_stages
 
     cfg = _setup(config, [*(overrides or []), *_run_flags(executor, workers, submit)], quiet)
-    reports = commands.run(all_stages, cfg, [target])
+    with commands.held(cfg):  # one catalog connection for both (closed while units run)
+        reports = commands.run(all_stages, cfg, [target])
+        # The run returned, so every stage up to the target is done: score's tables can be read.
+        tables = (commands.result_tables(all_stages, cfg, finished=True)
+                  if target in ("all", "score") else None)
     _print_reports(reports)
     same = _same_config(config, overrides)
-    # The run returned, so every stage up to the target is done: score's tables can be read.
-    tables = (commands.result_tables(all_stages, cfg, finished=True)
-              if target in ("all", "score") else None)
     recall, paired = tables if tables is not None else (None, [])
     if recall:
         typer.echo(_table(*_recall_view(recall, cfg)))

@@ -6,6 +6,7 @@ that every worker builds the same ones (pipeline.stage.factory_name)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -35,6 +36,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 log = logging.getLogger(__name__)
+
+
+def held(config: Config) -> contextlib.AbstractContextManager[None]:
+    """One catalog connection for the several calls of a command (Catalog.held): opened by
+    the first that needs it, closed at the end and while units run."""
+    return Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s).held()
 
 
 def run(factory: StageFactory, config: Config, targets: list[str],

@@ -8,7 +8,6 @@ See docs/resume.md and docs/distributed.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ from pipeline.catalog import Catalog
 from pipeline.config import Config
 from pipeline.executors import Executor, Outcome, make_executor
 from pipeline.jobs import Inputs, Job, StagePlan, plan_path, write_plan
-from pipeline.leases import read_leases, release
+from pipeline.leases import Lease, read_leases, release
 from pipeline.records import PlanRow, UnitRecord, UnitRow, check_record, read_records, run_relative
 from pipeline.stage import PipelineError, Stage, StageContext, StageFactory, factory_name
 from pipeline.worker import GOOD_ITEMS
@@ -225,10 +224,16 @@ class Runner:
             if unknown := sorted(set(targets) - {s.name for s in order}):
                 raise PipelineError(f"unknown stage(s) {unknown}; stages: "
                                     f"{[s.name for s in self.stages]}")
+        # One catalog connection for all the bookkeeping; closed while units run (_run_stage).
+        with self.catalog.held():
+            return self._run(order, plan_only)
+
+    def _run(self, order: list[Stage], plan_only: bool) -> list[StageReport]:
         # Checks (weights exist, the device is there) fail fast before any work; stages done
         # under their fingerprint have none to do, so a run with nothing to do loads no model
         # code (torch, open_clip, faiss) and returns at once.
-        todo = order if plan_only else order[self._first_not_done(order):]
+        units = self._units(order)
+        todo = order if plan_only else order[self._first_not_done(order, units):]
         if todo and self.config.run.executor in ("inline", "local"):  # else the workers'
             from pipeline.device import resolve_device
 
@@ -237,41 +242,81 @@ class Runner:
             stage.check(self.config)
         if plan_only:
             reports = []
-            with self.catalog.held():
-                self.catalog.init()
-                for stage in order:
-                    self._require_upstream_done(stage)
-                    units = self.plan(stage)
-                    reports.append(StageReport(stage.name, self.fingerprints[stage.name],
-                                               units=len(units)))
-            return reports
-        if self.executor is None:
-            self.executor = make_executor(self.config, self.board.task)
-        reports = []
-        # Nothing to run: one connection for all of it (else each stage holds its own around
-        # its bookkeeping, and none is held while units run).
-        with self.catalog.held() if not todo else contextlib.nullcontext():
             self.catalog.init()
-            try:
-                with self.board.task("stages", len(order)) as advance:
-                    for stage in order:
-                        reports.append(self._run_stage(stage))
-                        advance(1)
-            finally:
-                self.executor.close()
+            for stage in order:
+                self._require_upstream_done(stage)
+                planned = self.plan(stage)
+                reports.append(StageReport(stage.name, self.fingerprints[stage.name],
+                                           units=len(planned)))
+            return reports
+        self.catalog.init()
+        if not todo and (reports := self._all_done(order, units)) is not None:
+            return reports  # nothing to run: no executor, no progress display
+        if self.executor is None:
+            with self.catalog.released():  # starting Ray or a pool takes a while
+                self.executor = make_executor(self.config, self.board.task)
+        reports = []
+        try:
+            with self.board.task("stages", len(order)) as advance:
+                for stage in order:
+                    reports.append(self._run_stage(stage))
+                    advance(1)
+        finally:
+            self.executor.close()
         return reports
 
-    def _first_not_done(self, order: Sequence[Stage]) -> int:
+    def _units(self, order: Sequence[Stage]) -> dict[str, list[UnitRow]]:
+        """Each stage's units under its fingerprint (one query; none before the catalog)."""
+        if not self.catalog.path.exists():
+            return {}
+        return self.catalog.units_of([(s.name, self.fingerprints[s.name]) for s in order])
+
+    def _first_not_done(self, order: Sequence[Stage], units: dict[str, list[UnitRow]]) -> int:
         """Index in `order` of the first stage not done under its fingerprint by what the
         catalog holds (records not yet ingested count as not done); len(order) if all are."""
-        if not self.catalog.path.exists():
-            return 0
-        with self.catalog.held():
-            for i, stage in enumerate(order):
-                units = self.catalog.units(stage.name, self.fingerprints[stage.name])
-                if not units or any(u.status != "done" for u in units):
-                    return i
+        for i, stage in enumerate(order):
+            if not units.get(stage.name) or any(u.status != "done" for u in units[stage.name]):
+                return i
         return len(order)
+
+    def _all_done(self, order: Sequence[Stage],
+                  units: dict[str, list[UnitRow]]) -> list[StageReport] | None:
+        """The reports of a run whose every unit is done, from three queries for all stages
+        (`_run_stage` makes about seven per stage); None when a stage needs more than a look
+        (its plan is not the current one or its plan file is missing): run them all then."""
+        current = dict(self.catalog.rows("SELECT stage, fingerprint FROM stages"))
+        if any(current.get(s.name) != self.fingerprints[s.name]
+               or not plan_path(self.config.work_dir, s.name, self.fingerprints[s.name]).exists()
+               for s in order):
+            return None
+        with_failures = set(self.catalog.rows(
+            "SELECT DISTINCT stage, fingerprint FROM item_failures"))
+        reports = []
+        for stage in order:
+            fp = self.fingerprints[stage.name]
+            if note := stage.notes(self.config):
+                log.warning("%s: %s", stage.name, note)
+            self._tidy(stage)
+            # records of units not in the plan are reported (as _run_stage does); none is new
+            status = {u.key: u.status for u in units[stage.name]}
+            if ingest_records(self.catalog, stage.name, fp, self.config.work_dir,
+                              status=status):
+                return None  # cannot happen (every unit is done); be safe: the full path
+            if (stage.name, fp) in with_failures:
+                self._check_failures(stage.name, fp)
+            n = len(units[stage.name])
+            reports.append(StageReport(stage.name, fp, units=n, skipped=n))
+        return reports
+
+    def _tidy(self, stage: Stage) -> dict[str, Lease]:
+        """Remove the temporary files crashed runs left in the stage plan's folder; returns
+        its leases."""
+        out_dir = self.config.work_dir / stage.name / self.fingerprints[stage.name]
+        leases = read_leases(out_dir)
+        if removed := remove_stale_tmp(out_dir, leases, self.config.run.lease_s):
+            log.info("%s: removed %d temporary file(s) left by a crashed run", stage.name,
+                     removed)
+        return leases
 
     def _require_upstream_done(self, stage: Stage) -> None:
         for name in stage.needs:
@@ -324,11 +369,7 @@ class Runner:
         with self.catalog.held():  # one connection for the bookkeeping, none while units run
             switched = self.catalog.current_fingerprint(stage.name) != fp
             units = self.plan(stage)
-            out_dir = work_dir / stage.name / fp
-            leases = read_leases(out_dir)
-            if removed := remove_stale_tmp(out_dir, leases, lease_s):
-                log.info("%s: removed %d temporary file(s) left by a crashed run", stage.name,
-                         removed)
+            leases = self._tidy(stage)
             ingested = ingest_records(self.catalog, stage.name, fp, work_dir)
             status = {u.key: u for u in self.catalog.units(stage.name, fp)}
         report = StageReport(stage.name, fp, units=len(units))
@@ -339,7 +380,8 @@ class Runner:
         todo = [u for u in todo if u.key not in busy]  # another worker runs them
         report.skipped = len(units) - len(todo) - len(busy)
         try:
-            with self.board.task(stage.name, len(todo)) as advance:
+            # other processes may open the catalog while units run (status, another driver)
+            with self.catalog.released(), self.board.task(stage.name, len(todo)) as advance:
                 self._dispatch(stage, todo, {u.key: status[u.key].attempts for u in todo},
                                report, advance)
         except BaseException:

@@ -6,7 +6,14 @@ import duckdb
 import pytest
 
 from pipeline.catalog import SCHEMA_VERSION, Catalog, CatalogBusy
-from pipeline.records import ArtifactRecord, FailureRecord, MetricRecord, UnitRecord, ViewSpec
+from pipeline.records import (
+    ArtifactRecord,
+    FailureRecord,
+    MetricRecord,
+    PlanRow,
+    UnitRecord,
+    ViewSpec,
+)
 
 
 def test_schema_is_idempotent_and_versioned(tmp_path):
@@ -138,3 +145,69 @@ def test_a_file_system_without_locks_is_said_at_once(tmp_path, monkeypatch):
     catalog = Catalog(tmp_path / "c.duckdb", timeout_s=300)
     with pytest.raises(CatalogBusy, match="does not support file locks.*local disk"):
         catalog.init()  # at once, not after run.catalog_timeout_s
+
+
+def _count_opens(monkeypatch) -> list[bool]:
+    """The read_only flag of every duckdb.connect the catalog makes from now on."""
+    import pipeline.catalog as catalog_module
+
+    opened: list[bool] = []
+    real = duckdb.connect
+
+    def counting(path, read_only=False, **kwargs):  # noqa: ANN001, ANN202
+        opened.append(read_only)
+        return real(path, read_only=read_only, **kwargs)
+
+    monkeypatch.setattr(catalog_module.duckdb, "connect", counting)
+    return opened
+
+
+def _other_process_reads(path) -> int:
+    """Open the file from another process (fails while this one holds it for writing)."""
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM units").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_held_shares_one_connection_and_released_lets_others_in(tmp_path, monkeypatch):
+    path = tmp_path / "c.duckdb"
+    Catalog(path).init()
+    opened = _count_opens(monkeypatch)
+    with Catalog(path, timeout_s=1).held():
+        assert opened == []  # opened by the first use, not by `held`
+        Catalog(path).rows("SELECT 1")  # another Catalog of the same file: the same connection
+        plan = PlanRow("extract", "fp", "1", "{}", "{}", None, 0)
+        Catalog(path).query_plans("SELECT count(*) FROM stages", [plan], [], arrow=False)
+        with Catalog(path).held():  # nested: still the same
+            Catalog(path).units("extract", "fp")
+        assert opened == [False]
+        with Catalog(path).released():  # closed: another process can open the file
+            with mp.get_context("spawn").Pool(1) as pool:
+                assert pool.apply(_other_process_reads, (str(path),)) == 0
+            Catalog(path).rows("SELECT 1")  # a short (read-only) connection of its own
+        assert opened == [False, True]
+        # query_plans' temporary `stages` view is gone: the stored table is seen again
+        Catalog(path).save_plan("extract", "fp", META, [("shard-00000", {})])
+        assert Catalog(path).rows("SELECT stage FROM stages") == [("extract",)]
+    assert opened == [False, True, False]  # reopened once after `released`
+    with mp.get_context("spawn").Pool(1) as pool:  # closed at the end of the block
+        assert pool.apply(_other_process_reads, (str(path),)) == 1
+
+
+def test_init_leaves_a_current_catalog_unwritten(tmp_path):
+    path = tmp_path / "c.duckdb"
+    catalog = Catalog(path)
+    catalog.init()
+    with catalog.transaction() as con:  # a view changed by hand is redone only if views.sql is
+        con.execute("CREATE OR REPLACE VIEW stage_summary AS SELECT 1 AS x")
+    before = path.stat().st_mtime_ns, path.stat().st_size
+    catalog.init()
+    assert (path.stat().st_mtime_ns, path.stat().st_size) == before
+    assert catalog.rows("SELECT * FROM stage_summary") == [(1,)]
+    with catalog.transaction() as con:  # a catalog from another views.sql: init redoes them
+        con.execute("COMMENT ON TABLE schema_version IS 'older'")
+    catalog.init()
+    assert catalog.rows("SELECT count(*) FROM stage_summary WHERE false") == [(0,)]
+    assert "x" not in [c[0] for c in catalog.rows("DESCRIBE stage_summary")]

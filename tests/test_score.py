@@ -313,7 +313,7 @@ def test_score_with_untrained_prompts(finished) -> None:
         ("baseline",), ("freestyle",), ("untrained",)]
     table = commands.sql(all_stages, config, commands.recall_sql(config))
     assert table["untrained"].null_count == 0
-    headers = [c.header for c in _recall_view(table.to_pylist(), config).columns]
+    headers = _recall_view(table.to_pylist(), config)[0]
     assert headers[4:7] == ["R@1 FSR", "R@1 untr", "R@1 base"]
 
     # The stored untrained embeddings are what a freshly built model gives.
@@ -418,11 +418,11 @@ def test_vpt_runs_through_every_stage_and_every_table(finished) -> None:
     assert rows(config, "SELECT count(*) FROM vpt_embeddings") == [(ITEMS,)]
     table = commands.sql(all_stages, config, commands.recall_sql(config))
     assert table["vpt"].null_count == 0
-    assert [c.header for c in _recall_view(table.to_pylist(), config).columns][4:7] == [
+    assert _recall_view(table.to_pylist(), config)[0][4:7] == [
         "R@1 FSR", "R@1 base", "R@1 vpt"]
     paired = commands.paired_table(all_stages, config)
     assert {r["versus"] for r in paired} == {"baseline", "vpt"}
-    assert [c.header for c in _paired_view(paired, config).columns][4:] == [
+    assert _paired_view(paired, config)[0][4:] == [
         "FSR vs base", "FSR vs vpt"]
 
     # The stored embeddings are the trained VPT model's: free tokens in every layer, no
@@ -501,3 +501,27 @@ def test_light_commands_do_not_import_the_model_code(finished, args, allowed) ->
         assert "Nothing to do" in done.stdout + done.stderr and "R@1" in done.stdout
     line = next(x for x in done.stdout.splitlines() if x.startswith("LOADED "))
     assert json.loads(line.removeprefix("LOADED ")) == allowed
+
+
+def test_a_run_with_nothing_to_do_opens_the_catalog_once_and_writes_nothing(
+        finished, monkeypatch) -> None:
+    """`fsr-pipe run all` on a finished run: its plans, checks and both result tables from one
+    connection, and the database file untouched (a write would checkpoint at close)."""
+    import duckdb
+    from typer.testing import CliRunner
+
+    import pipeline.catalog as catalog_module
+    from pipeline.cli import app
+
+    commands.report(all_stages, load_config(finished), if_stale=True)  # current: not redrawn
+    commands.run(all_stages, load_config(finished), ["all"], progress=False)  # views current
+    opened, real = [], duckdb.connect
+    monkeypatch.setattr(catalog_module.duckdb, "connect",
+                        lambda *a, **k: opened.append(a) or real(*a, **k))
+    path = load_config(finished).work_dir / "catalog.duckdb"
+    before = path.stat().st_mtime_ns, path.stat().st_size
+    result = CliRunner().invoke(app, ["run", "all", "--config", str(finished)])
+    assert result.exit_code == 0, result.output
+    assert "Nothing to do" in result.output and "R@1 FSR" in result.output
+    assert len(opened) == 1
+    assert (path.stat().st_mtime_ns, path.stat().st_size) == before
