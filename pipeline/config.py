@@ -17,11 +17,13 @@ import os
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
+
+from pipeline.frozen import frozen
 
 
 class ConfigError(ValueError):
@@ -33,7 +35,7 @@ def _run_only(default: Any) -> Any:
     return field(default=default, metadata={"fingerprint": False})
 
 
-@dataclass(frozen=True)
+@frozen
 class RunConfig:
     work_dir: str = "runs/demo"
     seed: int = 0
@@ -66,7 +68,7 @@ class RunConfig:
                "must be more than twice run.heartbeat_s (a live unit must not look lost)")
 
 
-@dataclass(frozen=True)
+@frozen
 class SlurmConfig:
     """The sbatch array script the slurm executor writes (docs/distributed.md)."""
 
@@ -90,7 +92,7 @@ class SlurmConfig:
             _check("\n" not in line, "slurm.extra", "one #SBATCH option per list item")
 
 
-@dataclass(frozen=True)
+@frozen
 class DataConfig:
     source: Literal["demo", "dsr", "folder", "manifest"] = "demo"
     # dsr/folder: dataset root; manifest: a .parquet or .csv file. Unused for demo.
@@ -139,7 +141,7 @@ class DataConfig:
                f"is required for source = {self.source!r} (a dataset root or manifest file)")
 
 
-@dataclass(frozen=True)
+@frozen
 class ExtractConfig:
     # Real VGG-19 weights in the AdaIN layout (a .pth state dict); empty = seeded random init.
     vgg_weights: str = field(default="", metadata={"path": "file"})
@@ -164,7 +166,7 @@ class ExtractConfig:
         _check(self.num_workers >= 0, "extract.num_workers", "must be >= 0")
 
 
-@dataclass(frozen=True)
+@frozen
 class ClusterConfig:
     k: int = 4
     niter: int = 25
@@ -180,7 +182,7 @@ class ClusterConfig:
         _check(self.max_train_points >= self.k, "cluster.max_train_points", "must be >= cluster.k")
 
 
-@dataclass(frozen=True)
+@frozen
 class ModelConfig:
     # An open_clip architecture (ViT-B-32, ViT-L-14, ...) or a project one (fsr-tiny-vit).
     arch: str = "ViT-B-32"
@@ -205,7 +207,7 @@ class ModelConfig:
         _check(self.shallow_layers >= -1, "model.shallow_layers", "must be >= -1 (-1 = half)")
 
 
-@dataclass(frozen=True)
+@frozen
 class TrainConfig:
     # Paper recipe (docs/method.md 3): Adam, lr 1e-5, batch 24, up to 20 epochs, early stop after 5.
     lr: float = 1e-5
@@ -234,7 +236,7 @@ class TrainConfig:
         _check(self.num_workers >= 0, "train.num_workers", "must be >= 0")
 
 
-@dataclass(frozen=True)
+@frozen
 class SplipConfig:
     """Method `splip` (docs/method.md 9): its prompts, losses and the ablation switches of the
     paper's Tables 5 and 6 (docs/method.md 9 lists each row's --set flags). Read only where
@@ -279,7 +281,7 @@ class SplipConfig:
         _check(self.jigsaw_margin >= 0, "splip.jigsaw_margin", "must be >= 0")
 
 
-@dataclass(frozen=True)
+@frozen
 class EmbedConfig:
     # Stored embedding precision.
     dtype: Literal["float32", "float16"] = "float32"
@@ -292,7 +294,7 @@ class EmbedConfig:
         _check(self.num_workers >= 0, "embed.num_workers", "must be >= 0")
 
 
-@dataclass(frozen=True)
+@frozen
 class IndexConfig:
     # A FAISS factory string (e.g. "IVF4096,PQ64") or "auto": chosen from the gallery size,
     # dimension and max_memory_mb, with the reason logged (pipeline/index.py, docs/method.md 5).
@@ -334,7 +336,7 @@ FUSED_PAIRS = ("sketch+text", "art+text", "lowres+text")
 FUSIONS = ("softmax-max", "cosine-max", "mean")
 
 
-@dataclass(frozen=True)
+@frozen
 class ScoreConfig:
     # Retrieval methods embedded, indexed and scored side by side, the first one compared
     # query by query with each other (pipeline/methods: freestyle, untrained, baseline, vpt).
@@ -412,7 +414,7 @@ class ScoreConfig:
         _check(self.num_workers >= 0, "score.num_workers", "must be >= 0")
 
 
-@dataclass(frozen=True)
+@frozen
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)

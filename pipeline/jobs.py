@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, config_from_dict, to_dict
+from pipeline.frozen import frozen
 
 PLAN_FILE = "_plan.json"
 
@@ -25,7 +26,7 @@ class PlanMissing(FileNotFoundError):
     """No frozen plan file for a stage under this config (the driver has not planned it)."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Inputs:
     """What a stage's plan reads of the stages it needs (resolved by the driver)."""
 
@@ -50,7 +51,7 @@ class Inputs:
         return set(self.failed.get(stage, {}).get(item_kind, []))
 
 
-@dataclass(frozen=True)
+@frozen
 class StagePlan:
     stage: str
     fingerprint: str
@@ -100,7 +101,7 @@ def _read_plan(path: str, stamp: int) -> StagePlan:
     return StagePlan.from_json(Path(path).read_text())
 
 
-@dataclass(frozen=True)
+@frozen
 class Job:
     """One unit to run: picklable and JSON-able, self-contained given the run directory."""
 

@@ -14,8 +14,10 @@ import os
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+
+from pipeline.frozen import frozen
 
 LEASES = "_leases"
 HOST_ENV = "FSR_HOSTNAME"  # overrides the host name (containers, tests with two "hosts")
@@ -37,7 +39,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@frozen
 class Lease:
     unit_key: str
     host: str

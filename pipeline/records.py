@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.frozen import frozen
 
 RECORDS = "_records"
 
@@ -21,7 +23,7 @@ RECORDS = "_records"
 # What stages hand back and the catalog stores (no DuckDB here: workers never load it).
 
 
-@dataclass(frozen=True)
+@frozen
 class UnitRow:
     stage: str
     key: str
@@ -33,7 +35,7 @@ class UnitRow:
     attempts: int = 0
 
 
-@dataclass(frozen=True)
+@frozen
 class ArtifactRecord:
     kind: str
     path: str
@@ -42,7 +44,7 @@ class ArtifactRecord:
     sha256: str
 
 
-@dataclass(frozen=True)
+@frozen
 class FailureRecord:
     item_kind: str
     item_id: int | None
@@ -50,14 +52,14 @@ class FailureRecord:
     reason: str
 
 
-@dataclass(frozen=True)
+@frozen
 class MetricRecord:
     name: str
     value: float
     labels: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@frozen
 class ViewSpec:
     """A catalog view over the Parquet files of one artifact kind of a stage's current plan."""
 
@@ -68,7 +70,7 @@ class ViewSpec:
     empty_columns: str
 
 
-@dataclass(frozen=True)
+@frozen
 class PlanRow:
     """A stage's plan as the `stages` table stores it (without planned_at)."""
 
@@ -81,7 +83,7 @@ class PlanRow:
     position: int | None = None  # the stage's place in the pipeline (stage_summary's order)
 
 
-@dataclass(frozen=True)
+@frozen
 class UnitRecord:
     stage: str
     fingerprint: str

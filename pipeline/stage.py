@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pipeline.config import Config, fingerprint_fields
+from pipeline.frozen import frozen
 from pipeline.jobs import Inputs
 from pipeline.records import ArtifactRecord, FailureRecord, MetricRecord, UnitRow, ViewSpec
 
@@ -27,7 +28,7 @@ class PipelineError(RuntimeError):
     """A run cannot go on; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
+@frozen
 class PlannedUnit:
     key: str
     params: dict[str, Any]

@@ -9,9 +9,9 @@ preempted): the driver retries those up to `run.max_retries`. See docs/distribut
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from pipeline.config import Config
+from pipeline.frozen import frozen
 from pipeline.jobs import Job
 from pipeline.records import UnitRecord, read_record
 
@@ -29,7 +29,7 @@ class HandedOff(Exception):  # noqa: N818 - not an error: the run goes on elsewh
     to submit); the driver stops here and says what to do next."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Outcome:
     job: Job
     record: UnitRecord | None  # None: the worker ended without writing one

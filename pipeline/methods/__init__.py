@@ -20,9 +20,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
+
+from pipeline.frozen import frozen
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +37,7 @@ class Artifacts(Protocol):
     def input_path(self, stage: str, kind: str, unit_key: str | None = None) -> str: ...
 
 
-@dataclass(frozen=True)
+@frozen
 class Encoders:
     """A loaded method. `image(pixels, gram)`: RGB [0, 1] pixels at extract.image_size (and
     their Gram vectors, or None) -> L2 rows; `text(tokens)` -> L2 rows. `gram_encoder`: the
@@ -56,7 +57,7 @@ class Encoders:
         return self.image if self.query_image is None else self.query_image
 
 
-@dataclass(frozen=True)
+@frozen
 class Method:
     name: str          # score.methods value, unit key of index and score (and train)
     short: str         # column suffix in the printed tables ("R@1 FSR")
