@@ -16,12 +16,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.catalog import Catalog
 from pipeline.config import Config
-from pipeline.jobs import Job, PlanMissing, plan_path, read_plan
 from pipeline.leases import read_lease, read_leases
-from pipeline.records import UnitRecord, read_record
-from pipeline.runner import (
-    Runner,
-    StageReport,
+from pipeline.plans import (
     downstream,
     failure_summary,
     fingerprints,
@@ -29,11 +25,16 @@ from pipeline.runner import (
     plan_rows,
     too_many_failures,
 )
+from pipeline.records import UnitRecord, read_record
 from pipeline.stage import PipelineError, StageFactory, factory_name, shard_key
-from pipeline.worker import run_job
+
+# The runner, jobs and workers load with `run`, `plan` and `stage`: status, sql and reset
+# need none of them (docs/benchmarks.md, CLI start-up).
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from pipeline.runner import StageReport
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def run(factory: StageFactory, config: Config, targets: list[str],
         raise PipelineError("`fsr-pipe plan` plans one stage whose inputs are complete; "
                             "`fsr-pipe run all` runs every stage")
     from pipeline.progress import ProgressBoard
+    from pipeline.runner import Runner
 
     with ProgressBoard(progress) as board:
         return Runner(config, factory, board).run(names, plan_only=plan_only)
@@ -63,6 +65,9 @@ def work(factory: StageFactory, config: Config, stage: str, shard: int | None = 
     """`fsr-pipe stage X [--shard N]`: run the stage's units (or one) as a worker: from its
     plan file, writing records, never opening the catalog. Units with a done record or a
     live lease are skipped. Returns the records written."""
+    from pipeline.jobs import Job, PlanMissing, plan_path, read_plan
+    from pipeline.worker import run_job
+
     stages = {s.name: s for s in factory()}
     if stage == "all":
         raise PipelineError("`fsr-pipe stage` runs one stage (or one shard of it); "

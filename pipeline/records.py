@@ -18,6 +18,7 @@ from typing import Any
 from pipeline.frozen import frozen
 
 RECORDS = "_records"
+GOOD_ITEMS = "good_items"  # the metric holding UnitResult.good (the bad-input limit's base)
 
 
 # What stages hand back and the catalog stores (no DuckDB here: workers never load it).

@@ -16,12 +16,14 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.config import Config, fingerprint_fields
 from pipeline.frozen import frozen
-from pipeline.jobs import Inputs
 from pipeline.records import ArtifactRecord, FailureRecord, MetricRecord, UnitRow, ViewSpec
+
+if TYPE_CHECKING:
+    from pipeline.jobs import Inputs  # the driver's plan file; workers load it
 
 
 class PipelineError(RuntimeError):

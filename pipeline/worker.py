@@ -21,6 +21,7 @@ from pipeline.artifacts import remove_stale_tmp
 from pipeline.jobs import Job, PlanMissing, read_plan
 from pipeline.leases import Holding, UnitBusy, check_free, this_host
 from pipeline.records import (
+    GOOD_ITEMS,
     MetricRecord,
     UnitRecord,
     UnitRow,
@@ -29,8 +30,6 @@ from pipeline.records import (
     write_record,
 )
 from pipeline.stage import PipelineError, Stage, StageContext, load_factory
-
-GOOD_ITEMS = "good_items"  # the metric holding UnitResult.good
 
 log = logging.getLogger(__name__)
 
