@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +14,7 @@ from conftest import start_cli, wait_for, write_tiny_config
 from pipeline import commands
 from pipeline.catalog import Catalog
 from pipeline.config import load_config
+from pipeline.leases import read_leases
 from stages import all_stages
 
 
@@ -67,6 +69,10 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path, executor):
         wait_for(point, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # Ray's workers outlive a killed driver for a moment (Ray then ends them), holding
+        # their units' leases: the next driver would rightly refuse those units as being run
+        # by others. A user reruns when they end; the test waits for that.
+        _wait_until(lambda: not _live_leases(work), timeout=120)
     catalog = Catalog.in_dir(work)
     assert catalog.rows("SELECT count(*) FROM units WHERE status = 'done' "
                         "AND stage = 'score'") == [(0,)]
@@ -82,6 +88,18 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path, executor):
     listed = {r[0] for r in catalog.rows("SELECT path FROM artifacts WHERE path LIKE '%.parquet'")}
     on_disk = {str(p) for p in work.rglob("*.parquet")}
     assert listed == on_disk
+
+
+def _live_leases(work: Path) -> list[str]:
+    return [f"{plan.parent.name} {key}" for plan in work.glob("*/*/_leases")
+            for key, lease in read_leases(plan.parent).items() if lease.state(120.0) == "alive"]
+
+
+def _wait_until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "still not true after the timeout"
+        time.sleep(0.1)
 
 
 def _unit_under_way(stage_dir: Path) -> bool:
