@@ -10,8 +10,8 @@
     fsr-pipe query --image sketch.png --text "a red car"   # ask the finished run's index
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Typer reads every command's signature at each
+# start, and evaluating string annotations cost it ~4 ms (docs/benchmarks.md, CLI start-up).
 import importlib.util
 import json
 import logging
@@ -65,7 +65,7 @@ def _run_flags(executor: str | None, workers: int | None, submit: bool) -> list[
     return flags + (["slurm.submit=true"] if submit else [])
 
 
-def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) -> Config:
+def _setup(config_path: Path, overrides: list[str] | None, quiet: bool = False) -> "Config":
     if importlib.util.find_spec("faiss") is None:  # a missing extra: one line, not a traceback
         sys.exit("error: faiss is not installed. Install fsr-pipe with one of its faiss extras: "
                  "pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' on a CUDA 12 machine "
@@ -226,7 +226,7 @@ def _same_config(config: Path, overrides: list[str] | None) -> str:
     return "".join(" " + shlex.quote(f) for f in flags)
 
 
-def _method_columns(config: Config) -> list[tuple[str, str, str]]:
+def _method_columns(config: "Config") -> list[tuple[str, str, str]]:
     """(recall_sql column, header suffix, legend) of each configured method."""
     from pipeline import methods
 
@@ -236,7 +236,7 @@ def _method_columns(config: Config) -> list[tuple[str, str, str]]:
 View = tuple[list[str], list[list[Cell]], str | None]  # columns, rows, title
 
 
-def _recall_view(rows: list[dict], config: Config) -> View:
+def _recall_view(rows: list[dict], config: "Config") -> View:
     """One row per (protocol, query set): Recall@K of each configured method per K."""
     ks = sorted({r["k"] for r in rows})
     methods = [m for m in _method_columns(config) if any(r[m[0]] is not None for r in rows)]
@@ -253,7 +253,7 @@ def _recall_view(rows: list[dict], config: Config) -> View:
     return columns, lines, "Recall@K on the test split: " + ", ".join(n for *_, n in methods)
 
 
-def _paired_view(rows: list[dict], config: Config) -> View:
+def _paired_view(rows: list[dict], config: "Config") -> View:
     """One row per (protocol, query set) at the smallest K: the first method's wins and
     losses against each other method, query by query, and the sign test's p."""
     from pipeline.commands import SINGLE_STYLES
@@ -551,7 +551,7 @@ def _table(columns: list[str], rows: list[list[Cell]], title: str | None = None)
     return render(columns, rows, title, color=color_on(sys.stdout))
 
 
-def _print_reports(reports: list[StageReport]) -> None:
+def _print_reports(reports: "list[StageReport]") -> None:
     ran = sum(r.ran for r in reports)
     for r in reports:
         _say(f"  {r.stage:<10} {r.ran} unit(s) run, {r.skipped} already done "
