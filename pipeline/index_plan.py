@@ -14,7 +14,9 @@ which the benchmark measures as the RSS before the build):
 - the index itself: codes, ids (8 bytes; IDMap2 adds a reverse map), centroids, graph links;
 - training: the sample, once, plus the residuals SQ/PQ train on (a second copy);
 - reading a shard (sampling and adding): about SHARD_COPIES times its float32 size (Parquet
-  pages, decoded column, copies); freed memory is handed back after each shard
+  pages, decoded column, copies), and never less than READ_FLOOR_BYTES (the Arrow memory
+  pool and reader state, BLAS buffers: a one-off cost whatever the shard's size); freed
+  memory is handed back after each shard
   (`index_build.release_memory`); list growth slack for IVF; the HNSW link table growing by
   doubling (the float storage is reserved up front, `reserve_storage`);
 - the recall check and tuning: blocks of the store for exact search and gathered re-rank rows.
@@ -55,6 +57,11 @@ IDMAP2_BYTES = 40
 # residual copies (measured: reading a 20 MiB shard, 10k x 512 float32, raised RSS by ~150 MiB;
 # with 8, the HNSW and IVF-PQ builds at 100k x 512 came out 2.5-2.7% over their estimates).
 SHARD_COPIES = 9
+# What the first shard read and the first k-means add even when the shard is tiny (Arrow's
+# memory pool and reader state ~31 MiB, BLAS / OpenMP buffers ~8 MiB; measured at 100k x 64
+# in 2,000-row shards, where 9x a 0.5 MiB shard predicted 4.5 MiB and a 48 MiB plan's build
+# added 96.6 MiB). For large shards SHARD_COPIES x the shard is the larger and holds them.
+READ_FLOOR_BYTES = 40 << 20
 # IVF inverted lists grow by doubling, list by list, from the heap: measured 1.45x the codes
 # resident after adding 100k x 512 floats to 2048 lists in 10k-row shards.
 LIST_SLACK = 1.5
@@ -132,14 +139,19 @@ def _check_bytes(n: int, d: int) -> int:
             + STORE_ID_BYTES * n)
 
 
+def read_bytes(d: int, add_rows: int) -> int:
+    """What reading one shard of `add_rows` float32 vectors adds (see READ_FLOOR_BYTES)."""
+    return max(SHARD_COPIES * add_rows * 4 * d, READ_FLOOR_BYTES)
+
+
 def build_bytes(index_bytes: int, growth: int, train_bytes: int, n: int, d: int,
                 add_rows: int, encode_bytes: int = 0) -> int:
     """Peak of the three phases: train (sample + copies, one shard being read), add (index +
     growth + one shard in flight + the id array + one add chunk's encoding buffers), check
     (index + exact-search blocks + re-rank rows + the store's ids)."""
-    shard = add_rows * 4 * d
-    return max(train_bytes + SHARD_COPIES * shard,
-               index_bytes + growth + SHARD_COPIES * shard + BUILD_ID_BYTES * n + encode_bytes,
+    shard = read_bytes(d, add_rows)
+    return max(train_bytes + shard,
+               index_bytes + growth + shard + BUILD_ID_BYTES * n + encode_bytes,
                index_bytes + _check_bytes(n, d))
 
 
@@ -191,7 +203,7 @@ def _ivf_candidate(n: int, d: int, budget: int, add_rows: int, nlist: int, code:
     index = ivf_bytes(n, d, nlist, code_size, pq_extra)
     coarse = nlist * d * 4 + pq_extra
     # The sample may use what the train phase has left after the centroids and shard reads.
-    sample_budget = int((budget - coarse - SHARD_COPIES * add_rows * 4 * d) / copies)
+    sample_budget = int((budget - coarse - read_bytes(d, add_rows)) / copies)
     train_size = _train_size(n, d, nlist, ksub, sample_budget, AUTO_POINTS_PER_CENTROID)
     if not train_size:
         return None
