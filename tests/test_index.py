@@ -132,7 +132,7 @@ def test_build_model_counts_pq_encoding_and_ids() -> None:
 
 
 def test_build_model_has_a_read_floor_for_small_shards() -> None:
-    """Reading even a tiny shard costs Arrow's pool and reader state and BLAS buffers, ~40 MiB
+    """Reading even a tiny shard costs Arrow's pool and reader state and BLAS buffers, ~44 MiB
     (measured at 100k x 64 in 2,000-row shards: 9x the 0.5 MiB shard predicted 4.5 MiB, and a
     build planned at 48 MiB added 96.6). Large shards' reads are as they were."""
     from pipeline.index_plan import READ_FLOOR_BYTES, SHARD_COPIES, read_bytes
@@ -141,8 +141,8 @@ def test_build_model_has_a_read_floor_for_small_shards() -> None:
     assert read_bytes(512, 10_000) == SHARD_COPIES * 10_000 * 512 * 4
     with pytest.raises(ValueError, match=r"smallest build \(1-byte PQ codes\) needs ~4\d\.\d MiB"):
         plan_index(99_000, 64, max_memory_bytes=12 * MIB, add_rows=2_000)
-    plan = plan_index(99_000, 64, max_memory_bytes=48 * MIB, add_rows=2_000)
-    assert READ_FLOOR_BYTES + plan.estimated_bytes <= plan.build_bytes <= 48 * MIB
+    plan = plan_index(99_000, 64, max_memory_bytes=52 * MIB, add_rows=2_000)
+    assert READ_FLOOR_BYTES + plan.estimated_bytes <= plan.build_bytes <= 52 * MIB
 
 
 def test_add_shard_in_chunks_matches_one_call_and_bounds_the_pq_table() -> None:
@@ -293,9 +293,9 @@ def test_ivfpq_recall_with_and_without_rerank(gallery, ivfpq) -> None:
 
 def test_auto_plan_ivf_flat_recall(gallery) -> None:
     ids, xb, xq, exact = gallery
-    # 52 MiB: too little for HNSW's links (a 54 MiB build with the 40 MiB read floor), enough
-    # for IVF-Flat (45 MiB).
-    plan = plan_index(len(ids), D, max_memory_bytes=52 * MIB, add_rows=5000)
+    # 56 MiB: too little for HNSW's links (a 58 MiB build with the 44 MiB read floor), enough
+    # for IVF-Flat (49 MiB).
+    plan = plan_index(len(ids), D, max_memory_bytes=56 * MIB, add_rows=5000)
     assert plan.family == "ivf-flat" and plan.nlist > 1
     index = _filled(plan, ids, xb)
     _, I = search(index, xq, 10, nprobe=32)
