@@ -256,10 +256,12 @@ def plan_auto(n: int, d: int, budget: int, add_rows: int) -> IndexPlan:
         if code in ("Flat", "SQ8"):
             floor = ivf_bytes(n, d, 1, 4 * d if code == "Flat" else d)
             skipped.append(f"IVF,{code} needs over {gib(floor)}")
-    need = _min_pq_build(n, d, add_rows)
+    need, smallest = _min_pq_build(n, d, add_rows), "1-byte PQ codes"
+    if n < FLAT_BELOW and (flat_peak := build_bytes(flat, 0, 0, n, d, add_rows)) < need:
+        need, smallest = flat_peak, "exact Flat"
     raise ValueError(
         f"{n} vectors of dimension {d} fit no index family within index.max_memory_mb = "
-        f"{budget >> 20}: the smallest build (1-byte PQ codes) needs ~{gib(need)}; raise "
+        f"{budget >> 20}: the smallest build ({smallest}) needs ~{gib(need)}; raise "
         f"index.max_memory_mb to at least {math.ceil(need / 2**20)} (or give index.factory)")
 
 

@@ -143,6 +143,10 @@ def test_build_model_has_a_read_floor_for_small_shards() -> None:
         plan_index(99_000, 64, max_memory_bytes=12 * MIB, add_rows=2_000)
     plan = plan_index(99_000, 64, max_memory_bytes=52 * MIB, add_rows=2_000)
     assert READ_FLOOR_BYTES + plan.estimated_bytes <= plan.build_bytes <= 52 * MIB
+    # a small gallery: the minimum named is exact search's, and that budget builds it
+    with pytest.raises(ValueError, match=r"smallest build \(exact Flat\) needs .* at least 45 "):
+        plan_index(160, 64, max_memory_bytes=40 * MIB, add_rows=40)
+    assert plan_index(160, 64, max_memory_bytes=45 * MIB, add_rows=40).factory == "Flat"
 
 
 def test_add_shard_in_chunks_matches_one_call_and_bounds_the_pq_table() -> None:
