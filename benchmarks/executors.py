@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing it
 from pipeline import commands  # noqa: E402
 from pipeline.catalog import Catalog  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.plans import fingerprints, ingest_records  # noqa: E402
 from pipeline.records import ArtifactRecord, MetricRecord, UnitRecord, write_record  # noqa: E402  # noqa: E402
-from pipeline.runner import fingerprints, ingest_records  # noqa: E402
 from stages import all_stages  # noqa: E402
 
 

@@ -102,7 +102,7 @@ def check_finished(factory: StageFactory, config: Config) -> None:
     """PipelineError naming the stage to run unless every stage query reads from is done
     for this config (the index stage and what it needs)."""
     from pipeline.commands import status
-    from pipeline.runner import stage_closure
+    from pipeline.plans import stage_closure
 
     needed = {s.name for s in stage_closure(factory(), [FINISHED_BY])}
     for st in status(factory, config):
@@ -125,7 +125,8 @@ def stage_context(factory: StageFactory, config: Config, stage: str = READS) -> 
     import contextlib
 
     from pipeline.catalog import Catalog
-    from pipeline.runner import fingerprints, upstream_inputs
+    from pipeline.plans import fingerprints
+    from pipeline.runner import upstream_inputs
 
     stages = factory()
     fps = fingerprints(stages, config)

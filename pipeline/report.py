@@ -76,7 +76,7 @@ def default_path(config: Config) -> Path:
 
 def stamp(factory: StageFactory, config: Config) -> str:
     """What a report of this config's results is stamped with."""
-    from pipeline.runner import fingerprints
+    from pipeline.plans import fingerprints
 
     return f"score-{fingerprints(factory(), config)['score']}-v{VERSION}"
 

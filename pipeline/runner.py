@@ -21,13 +21,11 @@ from pipeline.config import Config
 from pipeline.executors import Executor, Outcome, make_executor
 from pipeline.jobs import Inputs, Job, StagePlan, plan_path, write_plan
 from pipeline.leases import Lease, read_leases, release
-from pipeline.plans import (  # noqa: F401 - fingerprints, plan_rows: also used from here
-    downstream,
+from pipeline.plans import (
     failure_summary,
     fingerprints,
     ingest_records,
     plan_meta,
-    plan_rows,
     stage_closure,
     too_many_failures,
 )

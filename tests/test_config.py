@@ -140,7 +140,7 @@ def test_run_only_fields_stay_out_of_fingerprints(tmp_path):
 def test_one_path_spelt_several_ways_is_one_fingerprint(tmp_path, monkeypatch):
     """A trailing slash, ./, .., ~ or the absolute form of the same file must not re-run the
     pipeline (they were five plans of one folder); a pretrained tag stays a tag."""
-    from pipeline.runner import fingerprints
+    from pipeline.plans import fingerprints
     from stages import all_stages
 
     (tmp_path / "photos" / "cat").mkdir(parents=True)

@@ -22,9 +22,10 @@ from pipeline.config import load_config
 from pipeline.executors.local import LocalExecutor
 from pipeline.jobs import Job
 from pipeline.leases import HOST_ENV, Holding, read_leases, release
+from pipeline.plans import fingerprints
 from pipeline.progress import ProgressBoard
 from pipeline.records import read_records
-from pipeline.runner import Runner, fingerprints
+from pipeline.runner import Runner
 from pipeline.stage import PipelineError
 from pipeline.worker import run_job
 from stages import all_stages

@@ -427,7 +427,8 @@ def test_vpt_runs_through_every_stage_and_every_table(finished) -> None:
 
     # The stored embeddings are the trained VPT model's: free tokens in every layer, no
     # Gram or style input, trained weights loaded from its own train unit.
-    from pipeline.runner import fingerprints, upstream_inputs
+    from pipeline.plans import fingerprints
+    from pipeline.runner import upstream_inputs
 
     stages = all_stages()
     inputs = upstream_inputs(Catalog.in_dir(config.work_dir),

@@ -26,7 +26,7 @@ from pipeline.catalog import Catalog
 from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.data.sources import SourceError
-from pipeline.runner import fingerprints
+from pipeline.plans import fingerprints
 from stages import all_stages
 
 SIZE = 48  # photo side in pixels: tiny, but enough for the style transforms

@@ -301,7 +301,8 @@ def test_splip_runs_through_every_stage_beside_freestyle_and_clip(tmp_path) -> N
     from pipeline.catalog import Catalog
     from pipeline.config import load_config
     from pipeline.data.images import load_rgb, to_tensor
-    from pipeline.runner import fingerprints, upstream_inputs
+    from pipeline.plans import fingerprints
+    from pipeline.runner import upstream_inputs
     from stages import all_stages
 
     path = write_tiny_config(tmp_path, tmp_path / "run", items=16, extra=(

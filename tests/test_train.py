@@ -34,7 +34,7 @@ from pipeline.data.images import load_rgb, to_tensor
 from pipeline.device import amp_dtype, grad_scaler
 from pipeline.models.clip import DEMO_ARCHS
 from pipeline.models.factory import build_model
-from pipeline.runner import fingerprints
+from pipeline.plans import fingerprints
 from pipeline.training import (
     History,
     Query,
