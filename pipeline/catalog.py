@@ -88,7 +88,7 @@ class _Held:
 
 
 # The catalog files held by the running code, by path: every Catalog of a held file shares
-# its connection (the CLI's run, its result tables and its report check are separate calls).
+# its connection (`fsr-pipe run`'s runner and its result tables are separate calls).
 # Per thread and context: another thread opens its own connections.
 _HELD: contextvars.ContextVar[dict[Path, _Held] | None] = contextvars.ContextVar(
     "fsr_pipe_catalog_held", default=None)
