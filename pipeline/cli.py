@@ -28,8 +28,8 @@ import typer
 from pipeline.table import Cell, Styled, color_on, paint, render
 
 if TYPE_CHECKING:
-    from pipeline.commands import StageReport
     from pipeline.config import Config
+    from pipeline.runner import StageReport
 
 # Commands import what they compute with when they run (pipeline.commands: DuckDB; the stages'
 # compute: torch, open_clip, faiss; rich for progress bars), so `--help`, `status` and `sql`
