@@ -256,6 +256,19 @@ class Catalog:
         rows = self.rows("SELECT fingerprint FROM stages WHERE stage = ?", [stage])
         return rows[0][0] if rows else None
 
+    def plan_marks(self) -> tuple[dict[str, str], set[tuple[str, str]]]:
+        """(stage -> its current plan's fingerprint, the (stage, fingerprint) plans with bad
+        inputs), from one query."""
+        current, with_failures = {}, set()
+        for kind, stage, fingerprint in self.rows(
+                "SELECT 'failures', stage, fingerprint FROM (SELECT DISTINCT stage, fingerprint "
+                "FROM item_failures) UNION ALL SELECT 'current', stage, fingerprint FROM stages"):
+            if kind == "failures":
+                with_failures.add((stage, fingerprint))
+            else:
+                current[stage] = fingerprint
+        return current, with_failures
+
     def units(self, stage: str, fingerprint: str) -> list[UnitRow]:
         rows = self.rows(
             "SELECT stage, unit_key, fingerprint, status, params_json, host, pid, attempts "

@@ -197,7 +197,9 @@ def run_cmd(
     with commands.held(cfg):  # one catalog connection for both (closed while units run)
         reports = commands.run(all_stages, cfg, [target])
         # The run returned, so every stage up to the target is done: score's tables can be read.
-        tables = (commands.result_tables(all_stages, cfg, finished=True)
+        # all and score ran every stage: their fingerprints are not computed again.
+        fps = {r.stage: r.fingerprint for r in reports}
+        tables = (commands.result_tables(all_stages, cfg, finished=True, fingerprints=fps)
                   if target in ("all", "score") else None)
     _print_reports(reports)
     same = _same_config(config, overrides)
@@ -210,7 +212,8 @@ def run_cmd(
             typer.echo(f"Wins and losses at every K: fsr-pipe sql "
                        f"\"{commands.paired_sql(cfg)}\"{same}")
     if target == "all" and recall is not None:
-        path, _ = commands.report(all_stages, cfg, if_stale=True)  # kept when current
+        path, _ = commands.report(all_stages, cfg, if_stale=True,  # kept when current
+                                  fingerprints=fps)
         _say("\nReport: ", Styled(str(path), "bold"), f" (`fsr-pipe report{same}` rewrites it)")
     if target in ("all", "cluster", "score"):
         _say("\nResults in ", Styled(str(cfg.work_dir), "bold"),

@@ -66,6 +66,7 @@ def work(factory: StageFactory, config: Config, stage: str, shard: int | None = 
     plan file, writing records, never opening the catalog. Units with a done record or a
     live lease are skipped. Returns the records written."""
     from pipeline.jobs import Job, PlanMissing, plan_path, read_plan
+    from pipeline.progress import ProgressBoard
     from pipeline.worker import run_job
 
     stages = {s.name: s for s in factory()}
@@ -97,8 +98,6 @@ def work(factory: StageFactory, config: Config, stage: str, shard: int | None = 
     stages[stage].check(config)
     out_dir = config.work_dir / stage / fp
     written = []
-    from pipeline.progress import ProgressBoard
-
     with ProgressBoard(progress) as board:
         for key, params in wanted:  # one unit's files each: an array task reads no others
             record = read_record(out_dir, key)
@@ -166,8 +165,9 @@ def _current_units(units: dict[tuple[str, str], list[tuple]],
 
 def _status(catalog: Catalog, stages: list, expected: dict[str, str],
             config: Config) -> list[StageStatus]:
-    # Two queries for all stages, not a few per stage: each costs milliseconds, and the first
-    # aggregate a process runs ~5 ms more than a plain scan (counted here instead).
+    # Two queries for all stages (units, plan_marks), not a few per stage: each costs
+    # milliseconds, and the first aggregate a process runs ~5 ms more than a plain scan
+    # (counted here instead).
     units = _units_by_plan(catalog)
     known = _current_units(units, expected)  # stage -> unit key -> status
     new = {s.name: ingest_records(catalog, s.name, expected[s.name], config.work_dir,
@@ -189,15 +189,8 @@ def _status(catalog: Catalog, stages: list, expected: dict[str, str],
         counts += [(name, fp, state, *total) for state, total in by_state.items()]
     not_done = [(name, key, state) for name, plan in known.items()
                 for key, state in plan.items() if state != "done"]
-    with_failures, current = set(), {}
     # A plan with no units (train when no configured method trains) is only in `stages`.
-    for kind, name, fp in catalog.rows(
-            "SELECT 'failures', stage, fingerprint FROM (SELECT DISTINCT stage, fingerprint "
-            "FROM item_failures) UNION ALL SELECT 'current', stage, fingerprint FROM stages"):
-        if kind == "failures":
-            with_failures.add((name, fp))
-        else:
-            current[name] = fp
+    current, with_failures = catalog.plan_marks()
     result = []
     for stage in stages:
         st = StageStatus(stage.name, expected[stage.name],
@@ -261,13 +254,12 @@ def query_file(factory: StageFactory, config: Config, path: str | Path,
                out: str | Path | None = None, method: str | None = None, k: int = 10,
                fusion: str = "softmax-max", progress: bool | None = None):  # noqa: ANN201
     """`fsr-pipe query --queries FILE`: every row's top k into a Parquet file (BatchReport)."""
+    from pipeline.progress import ProgressBoard
     from pipeline.query import check_fusion, check_method, open_searcher, query_columns, search_file
 
     method, fusion = check_method(config, method), check_fusion(fusion)
     query_columns(path)  # the file's errors before the model loads
     searcher = open_searcher(factory, config, method, k)
-    from pipeline.progress import ProgressBoard
-
     with ProgressBoard(progress) as board:
         return search_file(searcher, path, out, fusion, board.task)
 
@@ -302,15 +294,17 @@ def reset(factory: StageFactory, config: Config, stage: str) -> list[str]:
 
 
 def sql(factory: StageFactory, config: Config, query: str | list[str],
-        arrow: bool = True) -> pa.Table | tuple[list[str], list[tuple]] | list:
+        arrow: bool = True, fingerprints: dict[str, str] | None = None,
+        ) -> pa.Table | tuple[list[str], list[tuple]] | list:
     """Run a query against the run's catalog (read-only), its `stages` table and views showing
     the plans of `config` (not those of whichever config ran last). arrow=False: (column
     names, rows), without loading pyarrow (`fsr-pipe sql` printing a table). A list of
-    queries: a list of results (one connection)."""
+    queries: a list of results (one connection). `fingerprints`: every stage's, when known."""
     catalog = Catalog.in_dir(config.work_dir, config.run.catalog_timeout_s)
     stages = factory()
     views = [v for s in stages for v in s.views]
-    return catalog.query_plans(query, plan_rows(stages, config), views, arrow=arrow)
+    return catalog.query_plans(query, plan_rows(stages, config, fingerprints), views,
+                               arrow=arrow)
 
 
 def recall_sql(config: Config) -> str:
@@ -335,15 +329,17 @@ def recall_table(factory: StageFactory, config: Config) -> list[dict] | None:
     return _dicts(sql(factory, config, recall_sql(config), arrow=False))
 
 
-def result_tables(factory: StageFactory, config: Config,
-                  finished: bool = False) -> tuple[list[dict], list[dict]] | None:
+def result_tables(factory: StageFactory, config: Config, finished: bool = False,
+                  fingerprints: dict[str, str] | None = None,
+                  ) -> tuple[list[dict], list[dict]] | None:
     """(recall_table, paired_table) from one connection, what `run` prints at its end; None
     when the score stage has not finished for this config. finished: the caller knows it has
-    (a run that just completed it), so the status check is skipped."""
+    (a run that just completed it), so the status check is skipped. `fingerprints`: every
+    stage's, when the caller has them (the run's reports)."""
     if not (finished or score_finished(factory, config)):
         return None
     recall, paired = sql(factory, config, [recall_sql(config), paired_sql(config)],
-                         arrow=False)
+                         arrow=False, fingerprints=fingerprints)
     return _dicts(recall), with_pooled_and_p(_dicts(paired))
 
 
@@ -354,14 +350,16 @@ def _dicts(result: tuple[list[str], list[tuple]]) -> list[dict]:
 
 
 def report(factory: StageFactory, config: Config, out: Path | None = None,
-           if_stale: bool = False) -> tuple[Path, bool]:
+           if_stale: bool = False, fingerprints: dict[str, str] | None = None,
+           ) -> tuple[Path, bool]:
     """`fsr-pipe report`: write the HTML report (pipeline.report; default
     <work_dir>/report.html). if_stale: keep a report already stamped with this config's
-    score results (what `run all` does). Returns (path, whether it was written)."""
+    score results (what `run all` does; `fingerprints`: every stage's, when known). Returns
+    (path, whether it was written)."""
     from pipeline import report as html_report
 
     path = out if out is not None else html_report.default_path(config)
-    if if_stale and html_report.is_current(factory, config, path):
+    if if_stale and html_report.is_current(factory, config, path, fingerprints):
         return path, False
     return html_report.write(factory, config, path), True
 

@@ -62,9 +62,12 @@ def plan_meta(stage: Stage, config: Config, inputs: dict[str, str],
             "inputs": inputs, "notes": stage.notes(config), "position": position}
 
 
-def plan_rows(stages: Sequence[Stage], config: Config) -> list[PlanRow]:
-    """Every stage's plan under `config`, as `stages` table rows (for Catalog.query_plans)."""
-    fps = fingerprints(stages, config)
+def plan_rows(stages: Sequence[Stage], config: Config,
+              fps: dict[str, str] | None = None) -> list[PlanRow]:
+    """Every stage's plan under `config`, as `stages` table rows (for Catalog.query_plans).
+    `fps`: their fingerprints, when the caller has them (a folder source walks its dataset
+    for each computation)."""
+    fps = fps or fingerprints(stages, config)
     rows = []
     for position, stage in enumerate(stages):
         meta = plan_meta(stage, config, {n: fps[n] for n in stage.needs}, position)

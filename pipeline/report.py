@@ -74,11 +74,14 @@ def default_path(config: Config) -> Path:
     return config.work_dir / REPORT_FILE
 
 
-def stamp(factory: StageFactory, config: Config) -> str:
-    """What a report of this config's results is stamped with."""
-    from pipeline.plans import fingerprints
+def stamp(factory: StageFactory, config: Config,
+          fingerprints: dict[str, str] | None = None) -> str:
+    """What a report of this config's results is stamped with (`fingerprints`: every
+    stage's, when the caller has them)."""
+    from pipeline import plans
 
-    return f"score-{fingerprints(factory(), config)['score']}-v{VERSION}"
+    fps = fingerprints or plans.fingerprints(factory(), config)
+    return f"score-{fps['score']}-v{VERSION}"
 
 
 def read_stamp(path: Path) -> str | None:
@@ -92,9 +95,10 @@ def read_stamp(path: Path) -> str | None:
     return found.group(1).decode() if found else None
 
 
-def is_current(factory: StageFactory, config: Config, path: Path | None = None) -> bool:
+def is_current(factory: StageFactory, config: Config, path: Path | None = None,
+               fingerprints: dict[str, str] | None = None) -> bool:
     """The report at `path` was written for this config's current score results."""
-    return read_stamp(path or default_path(config)) == stamp(factory, config)
+    return read_stamp(path or default_path(config)) == stamp(factory, config, fingerprints)
 
 
 def write(factory: StageFactory, config: Config, out: Path | None = None) -> Path:

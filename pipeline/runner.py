@@ -193,16 +193,14 @@ class Runner:
 
     def _all_done(self, order: Sequence[Stage],
                   units: dict[str, list[UnitRow]]) -> list[StageReport] | None:
-        """The reports of a run whose every unit is done, from three queries for all stages
+        """The reports of a run whose every unit is done, from two queries for all stages
         (`_run_stage` makes about seven per stage); None when a stage needs more than a look
         (its plan is not the current one or its plan file is missing): run them all then."""
-        current = dict(self.catalog.rows("SELECT stage, fingerprint FROM stages"))
+        current, with_failures = self.catalog.plan_marks()
         if any(current.get(s.name) != self.fingerprints[s.name]
                or not plan_path(self.config.work_dir, s.name, self.fingerprints[s.name]).exists()
                for s in order):
             return None
-        with_failures = set(self.catalog.rows(
-            "SELECT DISTINCT stage, fingerprint FROM item_failures"))
         reports = []
         for stage in order:
             fp = self.fingerprints[stage.name]
