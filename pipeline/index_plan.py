@@ -191,9 +191,9 @@ def _nlists(n: int) -> list[int]:
     return [top >> i for i in range(NLIST_SHRINK.bit_length()) if top >> i >= 1]
 
 
-def _ivf_candidate(n: int, d: int, budget: int, add_rows: int, nlist: int, code: str,
-                   ) -> IndexPlan | None:
-    """IVF<nlist>,<code> (Flat, SQ8 or PQ<m>) if its build fits the budget, else None."""
+def _ivf_costs(n: int, d: int, nlist: int, code: str, add_rows: int) -> dict:
+    """What IVF<nlist>,<code> (Flat, SQ8 or PQ<m>) costs besides its training sample: the
+    index, the centroids (and PQ codebooks), the sample's copies, its add phase's encoding."""
     if code == "Flat":
         family, code_size, ksub, copies, pq_extra, m = "ivf-flat", 4 * d, 0, 1.1, 0, 0
     elif code == "SQ8":
@@ -201,28 +201,48 @@ def _ivf_candidate(n: int, d: int, budget: int, add_rows: int, nlist: int, code:
     else:
         m = int(code[2:])
         family, code_size, ksub, copies, pq_extra = "ivf-pq", m, 256, 2.0, 256 * d * 4
-    index = ivf_bytes(n, d, nlist, code_size, pq_extra)
-    coarse = nlist * d * 4 + pq_extra
+    return {"family": family, "ksub": ksub, "copies": copies, "m": m,
+            "index": ivf_bytes(n, d, nlist, code_size, pq_extra),
+            "coarse": nlist * d * 4 + pq_extra, "encode": encode_bytes(d, add_rows, m)}
+
+
+def _ivf_peak(n: int, d: int, add_rows: int, cost: dict, train_size: int) -> int:
+    return build_bytes(cost["index"], 0, int(train_size * 4 * d * cost["copies"]) +
+                       cost["coarse"], n, d, add_rows, cost["encode"])
+
+
+def _ivf_candidate(n: int, d: int, budget: int, add_rows: int, nlist: int, code: str,
+                   ) -> IndexPlan | None:
+    """IVF<nlist>,<code> (Flat, SQ8 or PQ<m>) if its build fits the budget, else None."""
+    cost = _ivf_costs(n, d, nlist, code, add_rows)
     # The sample may use what the train phase has left after the centroids and shard reads.
-    sample_budget = int((budget - coarse - read_bytes(d, add_rows)) / copies)
-    train_size = _train_size(n, d, nlist, ksub, sample_budget, AUTO_POINTS_PER_CENTROID)
+    sample_budget = int((budget - cost["coarse"] - read_bytes(d, add_rows)) / cost["copies"])
+    train_size = _train_size(n, d, nlist, cost["ksub"], sample_budget, AUTO_POINTS_PER_CENTROID)
     if not train_size:
         return None
-    peak = build_bytes(index, 0, int(train_size * 4 * d * copies) + coarse, n, d,
-                       add_rows, encode_bytes(d, add_rows, m))
+    peak = _ivf_peak(n, d, add_rows, cost, train_size)
     if peak > budget:
         return None
-    return IndexPlan(n, d, f"IVF{nlist},{code}", nlist, m, 8 if m else 0, train_size, index,
-                     "", family, peak)
+    return IndexPlan(n, d, f"IVF{nlist},{code}", nlist, cost["m"], 8 if cost["m"] else 0,
+                     train_size, cost["index"], "", cost["family"], peak)
 
 
-def _min_pq_build(n: int, d: int, add_rows: int) -> int:
-    """The smallest build any auto family needs: 1-byte PQ at the fewest lists, 39 per centroid."""
+def _smallest_build(n: int, d: int, add_rows: int, codes: list[str],
+                    flat_peak: int | None) -> tuple[int, str]:
+    """(bytes, what) of the cheapest build auto could plan: each IVF code at the fewest lists
+    and FAISS's floor of 39 training points per centroid, or exact Flat (`flat_peak`, small
+    galleries), which wins a tie."""
     nlist = _nlists(n)[-1]
-    index = ivf_bytes(n, d, nlist, 1, 256 * d * 4)
-    train = min(n, MIN_POINTS_PER_CENTROID * max(nlist, 256)) * 4 * d * 2
-    return build_bytes(index, 0, train + nlist * d * 4 + 256 * d * 4, n, d, add_rows,
-                       encode_bytes(d, add_rows, 1))
+    builds = []
+    for code in codes:
+        cost = _ivf_costs(n, d, nlist, code, add_rows)
+        floor = min(n, MIN_POINTS_PER_CENTROID * max(nlist, cost["ksub"]))
+        what = "1-byte PQ codes" if code == "PQ1" else f"IVF{nlist},{code}"
+        builds.append((_ivf_peak(n, d, add_rows, cost, floor), what))
+    need, what = min(builds)
+    if flat_peak is not None and math.ceil(flat_peak / 2**20) <= math.ceil(need / 2**20):
+        return flat_peak, "exact Flat"
+    return need, what
 
 
 def plan_auto(n: int, d: int, budget: int, add_rows: int) -> IndexPlan:
@@ -256,9 +276,8 @@ def plan_auto(n: int, d: int, budget: int, add_rows: int) -> IndexPlan:
         if code in ("Flat", "SQ8"):
             floor = ivf_bytes(n, d, 1, 4 * d if code == "Flat" else d)
             skipped.append(f"IVF,{code} needs over {gib(floor)}")
-    need, smallest = _min_pq_build(n, d, add_rows), "1-byte PQ codes"
-    if n < FLAT_BELOW and (flat_peak := build_bytes(flat, 0, 0, n, d, add_rows)) < need:
-        need, smallest = flat_peak, "exact Flat"
+    need, smallest = _smallest_build(n, d, add_rows, codes,
+                                     peak if n < FLAT_BELOW else None)
     raise ValueError(
         f"{n} vectors of dimension {d} fit no index family within index.max_memory_mb = "
         f"{budget >> 20}: the smallest build ({smallest}) needs ~{gib(need)}; raise "
