@@ -86,7 +86,7 @@ class ScoreStage(Stage):
         index, store = open_index(ctx, ctx.config, method,
                                   max(max(cfg.ks), cfg.keep_k, cfg.map_k))
         search = effective_search(cfg, store.path.parent)  # once, not per query set
-        queries, gallery_labels = _test_queries(ctx, store)
+        queries, gallery_labels, unseen = _test_queries(ctx, store)
         if not len(queries):
             raise PipelineError("score: no test-split query has its photo in the gallery; "
                                 "check data.test_fraction (and the dataset's test split)")
@@ -103,7 +103,7 @@ class ScoreStage(Stage):
         sets = query_sets(queries, emb, cfg)
         depth = min(store.n, max(max(cfg.ks), cfg.keep_k,
                                  cfg.map_k if gallery_labels is not None else 0))
-        zero_shot = _class_gallery(ctx, store) if gallery_labels is not None else None
+        zero_shot = _class_gallery(store, gallery_labels, unseen)
         with ctx.progress(f"score {method}", sum(len(s.query_ids) for s in sets)) as tick:
             for qs in sets:
                 scored = score_set(method, qs, index, store, depth, cfg, gallery_labels,
@@ -156,44 +156,41 @@ def _concat(paths: list[str], columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
 
 
-def _test_queries(ctx: StageContext, store: VectorStore) -> tuple[pa.Table, Any]:
-    """Test-split queries whose photo is in the index, sorted by id; gallery labels or None."""
+def _test_queries(ctx: StageContext, store: VectorStore) -> tuple[pa.Table, Any, Any]:
+    """Test-split queries whose photo is in the index, sorted by id; the indexed photos'
+    (ids, labels) or None; and the classes no training photo has (of every photo, indexed
+    or not; None without labels), from one read of the gallery."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
+
+    from pipeline.zero_shot import unseen_labels
 
     queries = _concat(ctx.input_paths("prepare", "queries"),
                       ["query_id", "image_id", "style", "split", "class_label", "path", "text"])
     queries = queries.filter(pc.equal(queries["split"], "test"))
     queries = queries.filter(pc.is_in(queries["image_id"], value_set=pa.array(store.ids)))
     queries = queries.sort_by("query_id")
-    gallery = _concat(ctx.input_paths("prepare", "gallery"), ["image_id", "class_label"])
-    gallery = gallery.filter(pc.is_in(gallery["image_id"], value_set=pa.array(store.ids)))
+    every = _concat(ctx.input_paths("prepare", "gallery"), ["image_id", "class_label", "split"])
+    gallery = every.filter(pc.is_in(every["image_id"], value_set=pa.array(store.ids)))
     has_labels = gallery["class_label"].null_count == 0 and len(gallery) > 0
-    labels = None
-    if has_labels:
-        labels = (gallery["image_id"].to_numpy(), np.asarray(gallery["class_label"].to_pylist()))
-    return queries, labels
+    if not has_labels:
+        return queries, None, None
+    labels = (gallery["image_id"].to_numpy(), np.asarray(gallery["class_label"].to_pylist()))
+    unseen = unseen_labels(np.asarray(every["class_label"].to_pylist()),
+                           np.asarray(every["split"].to_pylist()))
+    return queries, labels, unseen
 
 
-def _class_gallery(ctx: StageContext, store: VectorStore) -> Any:
+def _class_gallery(store: VectorStore, labels: Any, unseen: Any) -> Any:
     """The zero-shot protocols' gallery (pipeline/zero_shot.py): every indexed photo with its
     label and vector, and the classes no training photo has; None when there are none."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    from pipeline.zero_shot import ClassGallery
 
-    from pipeline.zero_shot import ClassGallery, unseen_labels
-
-    gallery = _concat(ctx.input_paths("prepare", "gallery"), ["image_id", "class_label", "split"])
-    labels = np.asarray(gallery["class_label"].to_pylist())
-    unseen = unseen_labels(labels, np.asarray(gallery["split"].to_pylist()))
-    if not unseen:
+    if labels is None or not unseen:
         return None
-    gallery = gallery.filter(pc.is_in(gallery["image_id"], value_set=pa.array(store.ids)))
-    ids = gallery["image_id"].to_numpy()
-    return ClassGallery(ids, np.asarray(gallery["class_label"].to_pylist()), store.lookup(ids),
-                        unseen)
+    ids, names = labels
+    return ClassGallery(ids, names, store.lookup(ids), unseen)
 
 
 def _encode_queries(ctx: StageContext, method: str,
