@@ -12,14 +12,17 @@ from the float store on disk, so their final scores are exact cosines.
 The memory model counts what the build allocates (not the interpreter and its libraries,
 which the benchmark measures as the RSS before the build):
 - the index itself: codes, ids (8 bytes; IDMap2 adds a reverse map), centroids, graph links;
-- training: the sample, once, plus the residuals SQ/PQ train on (a second copy);
+- training: the sample, once, plus the larger of the residuals SQ/PQ train on (a second
+  copy) and FAISS k-means' distance block (freed before the residuals are made);
 - reading a shard (sampling and adding): about SHARD_COPIES times its float32 size (Parquet
   pages, decoded column, copies), and never less than READ_FLOOR_BYTES (the Arrow memory
   pool and reader state, BLAS buffers: a one-off cost whatever the shard's size); freed
   memory is handed back after each shard
   (`index_build.release_memory`); list growth slack for IVF; the HNSW link table growing by
   doubling (the float storage is reserved up front, `reserve_storage`);
-- the recall check and tuning: blocks of the store for exact search and gathered re-rank rows.
+- the recall check and tuning: blocks of the store for exact search and gathered re-rank rows,
+  in the same process as the build, so on top of READ_FLOOR_BYTES (Arrow's pool and the BLAS
+  buffers stay resident after the last shard).
 The float store (`vectors.npy`) is not counted: the build writes it with `pwrite` and reads it
 back in blocks, and searches map it read-only from disk, so its pages are clean page cache the
 kernel drops under pressure (they show in RSS as file pages while mapped).
@@ -67,6 +70,13 @@ READ_FLOOR_BYTES = 44 << 20
 # resident after adding 100k x 512 floats to 2048 lists in 10k-row shards.
 LIST_SLACK = 1.5
 CHECK_BLOCK_ROWS = 1 << 13  # store rows per exact-search block in the recall check
+# FAISS k-means assigns the sample to the centroids by exact search in blocks of 4096 points x
+# 1024 centroids (distance_compute_blas_query_bs / _database_bs): a float block of up to 16 MiB
+# while the coarse quantizer (and PQ's 256-centroid codebooks) train, freed before the
+# residuals are computed. Measured at 100k x 64 (sample added, 2 threads): k-means alone +7.3
+# MiB at 256 lists, +20 at 1024 and 2048; SQ8 at 256 lists +13.4 (its 9.9 MiB residual copy).
+# Uncounted, the 64 MiB plan IVF1024,SQ8 added 68.0 MiB.
+KMEANS_BLOCK_ROWS, KMEANS_BLOCK_CENTROIDS = 4096, 1024
 # Encoding a batch of n rows with PQ of m sub-quantizers of >= 16 dims makes FAISS allocate an
 # (n, m, 256) float distance table (ProductQuantizer::compute_codes, its BLAS path): 10k rows
 # of PQ32 are 328 MB, which the first 1M x 512 build at 256 MiB spent on top of its estimate
@@ -140,20 +150,31 @@ def _check_bytes(n: int, d: int) -> int:
             + STORE_ID_BYTES * n)
 
 
+def kmeans_bytes(train_size: int, centroids: int) -> int:
+    """FAISS k-means' distance block for `train_size` points and `centroids` centroids."""
+    return 4 * min(train_size, KMEANS_BLOCK_ROWS) * min(centroids, KMEANS_BLOCK_CENTROIDS)
+
+
+def train_bytes(sample_bytes: int, copies: float, kmeans: int) -> int:
+    """The training sample, plus the larger of its extra copies (residuals) and k-means' block."""
+    return sample_bytes + max(int(sample_bytes * (copies - 1)), kmeans)
+
+
 def read_bytes(d: int, add_rows: int) -> int:
     """What reading one shard of `add_rows` float32 vectors adds (see READ_FLOOR_BYTES)."""
     return max(SHARD_COPIES * add_rows * 4 * d, READ_FLOOR_BYTES)
 
 
-def build_bytes(index_bytes: int, growth: int, train_bytes: int, n: int, d: int,
+def build_bytes(index_bytes: int, growth: int, training: int, n: int, d: int,
                 add_rows: int, encode_bytes: int = 0) -> int:
     """Peak of the three phases: train (sample + copies, one shard being read), add (index +
     growth + one shard in flight + the id array + one add chunk's encoding buffers), check
-    (index + exact-search blocks + re-rank rows + the store's ids)."""
+    (index + exact-search blocks + re-rank rows + the store's ids, and the read floor that
+    stays resident after the shards)."""
     shard = read_bytes(d, add_rows)
-    return max(train_bytes + shard,
+    return max(training + shard,
                index_bytes + growth + shard + BUILD_ID_BYTES * n + encode_bytes,
-               index_bytes + _check_bytes(n, d))
+               index_bytes + _check_bytes(n, d) + READ_FLOOR_BYTES)
 
 
 def encode_bytes(d: int, add_rows: int, pq_m: int = 0, ksub: int = 256) -> int:
@@ -206,21 +227,28 @@ def _ivf_costs(n: int, d: int, nlist: int, code: str, add_rows: int) -> dict:
             "coarse": nlist * d * 4 + pq_extra, "encode": encode_bytes(d, add_rows, m)}
 
 
-def _ivf_peak(n: int, d: int, add_rows: int, cost: dict, train_size: int) -> int:
-    return build_bytes(cost["index"], 0, int(train_size * 4 * d * cost["copies"]) +
-                       cost["coarse"], n, d, add_rows, cost["encode"])
+def _kmeans(nlist: int, cost: dict, train_size: int) -> int:
+    return kmeans_bytes(train_size, max(nlist, cost["ksub"]))
+
+
+def _ivf_peak(n: int, d: int, add_rows: int, nlist: int, cost: dict, train_size: int) -> int:
+    training = train_bytes(train_size * 4 * d, cost["copies"], _kmeans(nlist, cost, train_size))
+    return build_bytes(cost["index"], 0, training + cost["coarse"], n, d, add_rows,
+                       cost["encode"])
 
 
 def _ivf_candidate(n: int, d: int, budget: int, add_rows: int, nlist: int, code: str,
                    ) -> IndexPlan | None:
     """IVF<nlist>,<code> (Flat, SQ8 or PQ<m>) if its build fits the budget, else None."""
     cost = _ivf_costs(n, d, nlist, code, add_rows)
-    # The sample may use what the train phase has left after the centroids and shard reads.
-    sample_budget = int((budget - cost["coarse"] - read_bytes(d, add_rows)) / cost["copies"])
+    # The sample may use what the train phase has left after the centroids and shard reads,
+    # held `copies` times or beside k-means' block (`train_bytes`).
+    left = budget - cost["coarse"] - read_bytes(d, add_rows)
+    sample_budget = int(min(left / cost["copies"], left - _kmeans(nlist, cost, n)))
     train_size = _train_size(n, d, nlist, cost["ksub"], sample_budget, AUTO_POINTS_PER_CENTROID)
     if not train_size:
         return None
-    peak = _ivf_peak(n, d, add_rows, cost, train_size)
+    peak = _ivf_peak(n, d, add_rows, nlist, cost, train_size)
     if peak > budget:
         return None
     return IndexPlan(n, d, f"IVF{nlist},{code}", nlist, cost["m"], 8 if cost["m"] else 0,
@@ -238,7 +266,7 @@ def _smallest_build(n: int, d: int, add_rows: int, codes: list[str],
         cost = _ivf_costs(n, d, nlist, code, add_rows)
         floor = min(n, MIN_POINTS_PER_CENTROID * max(nlist, cost["ksub"]))
         what = "1-byte PQ codes" if code == "PQ1" else f"IVF{nlist},{code}"
-        builds.append((_ivf_peak(n, d, add_rows, cost, floor), what))
+        builds.append((_ivf_peak(n, d, add_rows, nlist, cost, floor), what))
     need, what = min(builds)
     if flat_peak is not None and math.ceil(flat_peak / 2**20) <= math.ceil(need / 2**20):
         return flat_peak, "exact Flat"
@@ -360,8 +388,8 @@ def plan_given(n: int, d: int, factory: str, budget: int, add_rows: int) -> Inde
         min(n, MIN_POINTS_PER_CENTROID * ksub),
         min(n, MAX_POINTS_PER_CENTROID * ksub, budget // (4 * d)))
     encode = encode_bytes(d, add_rows, m, 2**nbits) if ivf is not None else 0
-    peak = build_bytes(code_bytes, 0, 2 * train_size * 4 * d + nlist * d * 4 + pq_extra, n, d,
-                       add_rows, encode)
+    training = train_bytes(train_size * 4 * d, 2.0, kmeans_bytes(train_size, ksub))
+    peak = build_bytes(code_bytes, 0, training + nlist * d * 4 + pq_extra, n, d, add_rows, encode)
     notes = [f"given factory {factory!r} ({family})"]
     if train_size and nlist and train_size < MIN_POINTS_PER_CENTROID * nlist:
         notes.append(f"only {train_size // nlist} training points per centroid "

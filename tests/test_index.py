@@ -23,6 +23,7 @@ from pipeline.index import (
     search,
     train_index,
 )
+from pipeline.index_build import release_memory
 
 D = 32
 
@@ -134,19 +135,62 @@ def test_build_model_counts_pq_encoding_and_ids() -> None:
 def test_build_model_has_a_read_floor_for_small_shards() -> None:
     """Reading even a tiny shard costs Arrow's pool and reader state and BLAS buffers, ~44 MiB
     (measured at 100k x 64 in 2,000-row shards: 9x the 0.5 MiB shard predicted 4.5 MiB, and a
-    build planned at 48 MiB added 96.6). Large shards' reads are as they were."""
-    from pipeline.index_plan import READ_FLOOR_BYTES, SHARD_COPIES, read_bytes
+    build planned at 48 MiB added 96.6), and they stay resident while the same process checks
+    and tunes the index. Large shards' reads are as they were."""
+    from pipeline.index_plan import READ_FLOOR_BYTES, SHARD_COPIES, _check_bytes, read_bytes
 
     assert read_bytes(64, 2_000) == READ_FLOOR_BYTES
     assert read_bytes(512, 10_000) == SHARD_COPIES * 10_000 * 512 * 4
-    with pytest.raises(ValueError, match=r"smallest build \(1-byte PQ codes\) needs ~4\d\.\d MiB"):
-        plan_index(99_000, 64, max_memory_bytes=12 * MIB, add_rows=2_000)
-    plan = plan_index(99_000, 64, max_memory_bytes=52 * MIB, add_rows=2_000)
-    assert READ_FLOOR_BYTES + plan.estimated_bytes <= plan.build_bytes <= 52 * MIB
+    # 99k x 64: tuning's re-rank rows (32 MiB) on top of the floor set the minimum
+    with pytest.raises(ValueError, match=r"smallest build \(1-byte PQ codes\) needs ~8\d\.\d MiB"):
+        plan_index(99_000, 64, max_memory_bytes=64 * MIB, add_rows=2_000)
+    plan = plan_index(99_000, 64, max_memory_bytes=84 * MIB, add_rows=2_000)
+    assert plan.family == "ivf-pq"
+    assert (READ_FLOOR_BYTES + plan.estimated_bytes + _check_bytes(99_000, 64)
+            <= plan.build_bytes <= 84 * MIB)
     # a small gallery: the minimum named is exact search's, and that budget builds it
     with pytest.raises(ValueError, match=r"smallest build \(exact Flat\) needs .* at least 45 "):
         plan_index(160, 64, max_memory_bytes=40 * MIB, add_rows=40)
     assert plan_index(160, 64, max_memory_bytes=45 * MIB, add_rows=40).factory == "Flat"
+
+
+def test_training_counts_kmeans_distance_block() -> None:
+    """FAISS k-means holds a (4096 points x up to 1024 centroids) float block beside the sample;
+    SQ / PQ residuals are made after it is freed, so training holds the larger of the two
+    (uncounted, a 64 MiB plan of IVF1024,SQ8 at 100k x 64 added 68.0 MiB)."""
+    from pipeline.index_plan import READ_FLOOR_BYTES, kmeans_bytes, train_bytes
+
+    assert kmeans_bytes(40_000, 1024) == kmeans_bytes(40_000, 4096) == 16 * MIB
+    assert kmeans_bytes(40_000, 256) == 4 * MIB and kmeans_bytes(1_000, 256) == 1_000 * 256 * 4
+    assert train_bytes(10 * MIB, 2.0, 16 * MIB) == 26 * MIB  # the block is the larger
+    assert train_bytes(30 * MIB, 2.0, 16 * MIB) == 60 * MIB  # the residuals are
+    assert train_bytes(10 * MIB, 1.1, 4 * MIB) == 14 * MIB   # IVF-Flat: no residual copy
+    plan = plan_index(99_000, 64, max_memory_bytes=120 * MIB, add_rows=2_000)
+    assert plan.factory == "IVF1024,Flat"
+    sample = plan.train_size * 64 * 4
+    assert READ_FLOOR_BYTES + sample + 16 * MIB <= plan.build_bytes <= 120 * MIB
+
+
+def test_kmeans_peak_stays_within_its_model() -> None:
+    """Training IVF1024,Flat on 41k x 64 (sample already held) raises the peak RSS by no more
+    than the model's k-means block plus a few MiB of BLAS / OpenMP buffers."""
+    from pipeline.index_plan import kmeans_bytes
+
+    x = _clustered(41_000, seed=5, d=64)
+    plan = IndexPlan(41_000, 64, "IVF1024,Flat", 1024, 0, 0, 41_000, 0, "test", "ivf-flat")
+    release_memory()  # freed heap pages would let k-means' block go unseen
+    try:
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now
+    except OSError:
+        pytest.skip("needs Linux /proc/self/clear_refs to measure the peak RSS")
+    before = _status_kib("VmRSS")
+    train_index(plan, x)
+    assert (_status_kib("VmHWM") - before) << 10 <= kmeans_bytes(41_000, 1024) + 8 * MIB
+
+
+def _status_kib(field: str) -> int:
+    line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+    return int(line.split()[1])
 
 
 def test_add_shard_in_chunks_matches_one_call_and_bounds_the_pq_table() -> None:
