@@ -10,9 +10,8 @@ setup. By hand:
 The JSON line holds the wall time of `autofaiss.build_index` (everything it does: reading,
 choosing the index, training, adding, tuning its search parameters, its own metrics, saving),
 the time of each phase autofaiss logs (`>>> Finished "..." in N secs`), the chosen index key
-and search parameters, the index size and this process's peak RSS (VmHWM; `ru_maxrss` is
-carried over from the parent process across fork + execve on Linux, so it can report the
-parent's RSS instead).
+and search parameters, the index size, this process's peak RSS (VmHWM) and the sampled peak
+of its anonymous RSS while `build_index` ran (benchmarks/rss.py).
 """
 
 from __future__ import annotations
@@ -22,23 +21,12 @@ import json
 import logging
 import os
 import re
-import resource
 import time
 from pathlib import Path
 
+from rss import AnonPeak, rss_kib  # benchmarks/rss.py, beside this script
+
 FINISHED = re.compile(r'>>> Finished "(.*)" in ([0-9.]+) secs')
-
-
-def peak_rss_kib(field: str = "VmHWM") -> int:
-    """Peak (VmHWM) or current (VmRSS) RSS of this process's address space, KiB; ru_maxrss
-    where unavailable."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 class PhaseTimes(logging.Handler):
@@ -66,27 +54,30 @@ def main() -> None:
     import autofaiss
     import faiss
 
-    rss_before = peak_rss_kib("VmRSS")  # imports done: what the build adds is on top
+    rss_before = rss_kib("VmRSS")  # imports done: what the build adds is on top
     handler = PhaseTimes()
     logging.getLogger("autofaiss").addHandler(handler)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     index_path = args.out_dir / "knn.index"
     infos_path = args.out_dir / "index_infos.json"
     started = time.perf_counter()
-    autofaiss.build_index(
-        embeddings=str(args.embeddings), index_path=str(index_path),
-        index_infos_path=str(infos_path), file_format="npy", metric_type="ip",
-        max_index_memory_usage=args.max_index_memory_usage,
-        current_memory_available=args.current_memory_available, nb_cores=args.nb_cores,
-        save_on_disk=True, use_gpu=False, verbose=logging.INFO)
+    with AnonPeak() as anon:
+        autofaiss.build_index(
+            embeddings=str(args.embeddings), index_path=str(index_path),
+            index_infos_path=str(infos_path), file_format="npy", metric_type="ip",
+            max_index_memory_usage=args.max_index_memory_usage,
+            current_memory_available=args.current_memory_available, nb_cores=args.nb_cores,
+            save_on_disk=True, use_gpu=False, verbose=logging.INFO)
     seconds = time.perf_counter() - started
     if not index_path.is_file():
         raise SystemExit(f"autofaiss wrote no index to {index_path}; its log says why")
     infos = json.loads(infos_path.read_text()) if infos_path.is_file() else {}
     print(json.dumps({
         "seconds": seconds,
-        "peak_rss_kib": peak_rss_kib(),
+        "peak_rss_kib": rss_kib("VmHWM"),
         "rss_after_imports_kib": rss_before,
+        "anon_before_kib": anon.start_kib,
+        "anon_peak_kib": anon.peak_kib,
         "index_path": str(index_path),
         "index_bytes": index_path.stat().st_size,
         "index_key": infos.get("index_key"),
