@@ -496,6 +496,20 @@ def anon_added(result: dict) -> int | None:
     return (peak - result["anon_before_kib"]) << 10
 
 
+def ours_matched(root: Path, data: Path, args, budget_mb: int, xq: np.ndarray,  # noqa: ANN001
+                 I_exact: np.ndarray, summary: list[dict]) -> list[dict]:
+    """Ours' build at this budget re-tuned (in a child, no rebuild) to the 10-recall@10
+    autofaiss measured here, then measured on the same queries: [row 'ours@match'], or [] when
+    ours built nothing at this budget."""
+    rows = {r["who"]: r for r in summary if r["budget_mb"] == budget_mb}
+    if "ours" not in rows or "autofaiss" not in rows:
+        return []
+    matched = argparse.Namespace(**{**vars(args), "reuse_builds": True,
+                                    "target_recall": round(rows["autofaiss"]["r10"], 4)})
+    print(f"ours@match: re-tuning ours to autofaiss's 10-recall@10 {matched.target_recall}")
+    return [{**ours_at_budget(root, data, matched, budget_mb, xq, I_exact), "who": "ours@match"}]
+
+
 def autofaiss_at_budget(root: Path, data: Path, args, budget_mb: int, store, xq: np.ndarray,
                         I_exact: np.ndarray) -> dict:
     """Build autofaiss with the same budget and measure it at its own tuned setting."""
@@ -559,9 +573,11 @@ def print_summary(summary: list[dict], refused: dict[int, str]) -> None:
         if budget in refused:
             print(f"{budget} MiB: autofaiss built no index ({refused[budget][:160]}); "
                   f"ours {'did' if 'ours' in pair else 'did not either'}")
-        if len(pair) == 2:
-            o, a = pair["ours"], pair["autofaiss"]
-            print(f"{budget} MiB, ours / autofaiss: build time {o['build_s'] / a['build_s']:.2f},"
+        for who in ("ours", "ours@match"):
+            if who not in pair or "autofaiss" not in pair:
+                continue
+            o, a = pair[who], pair["autofaiss"]
+            print(f"{budget} MiB, {who} / autofaiss: build time {o['build_s'] / a['build_s']:.2f},"
                   f" peak RSS {o['peak'] / a['peak']:.2f}, index bytes "
                   f"{o['index_bytes'] / a['index_bytes']:.2f}, 10-recall@10 "
                   f"{o['r10'] / a['r10']:.3f}, queries/s {o['qps'] / a['qps']:.2f}; targets "
@@ -612,6 +628,9 @@ def main() -> None:
     parser.add_argument("--ef-search", type=int, nargs="+", default=None,
                         help="ours: the efSearch values swept for HNSW (default: the shipped "
                         "index.ef_search)")
+    parser.add_argument("--match-autofaiss", action="store_true",
+                        help="also re-tune ours' build to autofaiss's measured 10-recall@10 at "
+                             "each budget (no rebuild) and measure it: a row 'ours@match'")
     parser.add_argument("--child-build", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-tune", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -674,6 +693,9 @@ def main() -> None:
             try:
                 summary.append(autofaiss_at_budget(root, data, args, budget_mb, store, xq,
                                                    I_exact))
+                if args.match_autofaiss:
+                    summary.extend(ours_matched(root, data, args, budget_mb, xq, I_exact,
+                                                summary))
             except RuntimeError as error:  # e.g. it refuses: its index needs more memory
                 print(f"autofaiss at {budget_mb} MiB: {error}")
                 lines = str(error).splitlines()

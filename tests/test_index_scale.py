@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import subprocess
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pipeline.index_build import VectorStore, exact_search
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "index_scale.py"
 
@@ -52,9 +55,9 @@ def test_data_from_vectors_leaves_the_queries_out(bench, tmp_path: Path) -> None
         bench.ensure_data_from(tmp_path / "work", tmp_path / "raw.npy", None, 3, 20, 0)
 
 
-def test_runs_on_vectors_and_retunes_a_kept_build(tmp_path: Path) -> None:
+def test_runs_on_vectors_and_retunes_a_kept_build(bench, tmp_path: Path) -> None:
     """The whole script on 12,100 x 16 vectors (ours only), then the same build re-tuned to
-    another target without a rebuild."""
+    another target without a rebuild, and (`--match-autofaiss`) to an autofaiss row's recall."""
     np.save(tmp_path / "emb.npy", unit_rows(12_100, 16))
     common = [sys.executable, str(SCRIPT), "--vectors", str(tmp_path / "emb.npy"),
               "--queries", "100", "--shards", "2", "--budgets-mb", "64", "--skip-autofaiss",
@@ -67,3 +70,19 @@ def test_runs_on_vectors_and_retunes_a_kept_build(tmp_path: Path) -> None:
                            check=True).stdout
     assert "re-tuning it to" in again and "target=0.99" in again
     assert "data: reusing" in again
+    assert "anonymous RSS the stage added" in first
+
+    work = tmp_path / "work"
+    data = next(work.glob("data-*"))
+    xq = np.load(data / "queries.npy")[:100]
+    first_row = {"budget_mb": 64, "who": "ours", "r10": 0.9}
+    autofaiss_row = {"budget_mb": 64, "who": "autofaiss", "r10": 0.98765}
+    args = argparse.Namespace(reuse_builds=False, target_recall=0.95, ef_search=[16, 64],
+                              n=12_000, d=16, throughput_queries=0)
+    store = VectorStore.open(next(work.glob("ours-*-b64")) / "vectors.npy")
+    I_exact = exact_search(store, xq, 10)[1]
+    assert bench.ours_matched(work, data, args, 64, xq, I_exact, [first_row]) == []
+    [matched] = bench.ours_matched(work, data, args, 64, xq, I_exact,
+                                   [first_row, autofaiss_row])
+    assert matched["who"] == "ours@match" and "target=0.9877" in matched["setting"]
+    assert args.target_recall == 0.95 and not args.reuse_builds  # the caller's are untouched
