@@ -94,6 +94,9 @@ def ensure_data(root: Path, n: int, d: int, shards: int, n_queries: int, seed: i
     from pipeline.arrays import stable_id, vectors_to_arrow
     from pipeline.artifacts import write_parquet
 
+    if d < SUBSPACE:
+        raise SystemExit(f"synthetic data needs d >= {SUBSPACE} (its clusters lie in a "
+                         f"{SUBSPACE}-dim subspace); got d = {d}")
     data = root / f"data-v2-n{n}-d{d}-s{shards}-seed{seed}"
     meta_path = data / "meta.json"  # written last: its existence means the data is complete
     if meta_path.is_file() and json.loads(meta_path.read_text())["queries"] >= n_queries:
