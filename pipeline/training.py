@@ -103,22 +103,22 @@ class TripletData(Dataset):
         photo_ids = np.array(sorted(photos), dtype=np.int64)
         rng = np.random.default_rng([seed, epoch])
         positives = np.array([q.image_id for q in self.queries], dtype=np.int64)
-        negatives = photo_ids[rng.integers(0, len(photo_ids), len(self.queries))]
+        drawn = rng.integers(0, len(photo_ids), len(self.queries))  # rows of photo_ids
         self.classes = classes
-
-        def clashes() -> np.ndarray:  # a negative must be another photo (of another class)
-            if classes is None:
-                return negatives == positives
-            return np.array([classes[n] == classes[p] for n, p in zip(negatives, positives)],
-                            dtype=bool)
-
-        if classes is not None and len({classes[i] for i in photos}) < 2:
-            raise ValueError("class-aware negatives need photos of at least 2 classes")
-        clash = clashes()
+        # A negative must be another photo (of another class): compare ids, or class indices
+        # looked up once per photo.
+        if classes is None:
+            photo_keys, positive_keys = photo_ids, positives
+        else:
+            photo_keys = np.array([classes[i] for i in photo_ids.tolist()], dtype=np.int64)
+            positive_keys = np.array([classes[i] for i in positives.tolist()], dtype=np.int64)
+            if len(np.unique(photo_keys)) < 2:
+                raise ValueError("class-aware negatives need photos of at least 2 classes")
+        clash = photo_keys[drawn] == positive_keys
         while clash.any():
-            negatives[clash] = photo_ids[rng.integers(0, len(photo_ids), int(clash.sum()))]
-            clash = clashes()
-        self.negatives = negatives.tolist()
+            drawn[clash] = rng.integers(0, len(photo_ids), int(clash.sum()))
+            clash = photo_keys[drawn] == positive_keys
+        self.negatives = photo_ids[drawn].tolist()
         self.order = rng.permutation(len(self.queries)).tolist()
 
     def __len__(self) -> int:
