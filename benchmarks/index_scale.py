@@ -87,13 +87,22 @@ def sample_rows(seed: int, stream: int, block: int, rows: int, d: int) -> np.nda
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def ensure_data(root: Path, n: int, d: int, shards: int, n_queries: int, seed: int) -> Path:
-    """Gallery shards (Parquet + .npy copies for autofaiss) and queries; reused when present."""
+def write_shard(data: Path, shard: int, keys: list[str], x: np.ndarray) -> None:
+    """One gallery shard the way the embed stage writes it (ids `stable_id(key)`), and the same
+    rows as `.npy` for autofaiss."""
     import pyarrow as pa
 
     from pipeline.arrays import stable_id, vectors_to_arrow
     from pipeline.artifacts import write_parquet
 
+    ids = pa.array([stable_id(key) for key in keys], pa.int64())
+    table = pa.table({"image_id": ids, "embedding": vectors_to_arrow(x)})
+    write_parquet(table, data / "parquet" / f"shard-{shard:05d}.parquet")
+    np.save(data / "npy" / f"emb-{shard:05d}.npy", x)
+
+
+def ensure_data(root: Path, n: int, d: int, shards: int, n_queries: int, seed: int) -> Path:
+    """Gallery shards (Parquet + .npy copies for autofaiss) and queries; reused when present."""
     if d < SUBSPACE:
         raise SystemExit(f"synthetic data needs d >= {SUBSPACE} (its clusters lie in a "
                          f"{SUBSPACE}-dim subspace); got d = {d}")
@@ -108,11 +117,8 @@ def ensure_data(root: Path, n: int, d: int, shards: int, n_queries: int, seed: i
     bounds = np.linspace(0, n, shards + 1).astype(int)
     for shard in range(shards):
         start, stop = bounds[shard], bounds[shard + 1]
-        x = sample_rows(seed, 0, shard, stop - start, d)
-        ids = [stable_id(f"bench-{row}") for row in range(start, stop)]
-        table = pa.table({"image_id": pa.array(ids, pa.int64()), "embedding": vectors_to_arrow(x)})
-        write_parquet(table, data / "parquet" / f"shard-{shard:05d}.parquet")
-        np.save(data / "npy" / f"emb-{shard:05d}.npy", x)
+        write_shard(data, shard, [f"bench-{row}" for row in range(start, stop)],
+                    sample_rows(seed, 0, shard, stop - start, d))
     queries = np.concatenate([sample_rows(seed, 1, block, min(10_000, n_queries - start), d)
                               for block, start in enumerate(range(0, n_queries, 10_000))])
     np.save(data / "queries.npy", queries)
@@ -156,11 +162,6 @@ def check_unit_rows(x: np.ndarray, path: Path) -> None:
 def ensure_data_from(root: Path, vectors: Path, query_vectors: Path | None, shards: int,
                      n_queries: int, seed: int) -> Path:
     """Gallery shards and queries from given vectors (`--vectors`, `--query-vectors`)."""
-    import pyarrow as pa
-
-    from pipeline.arrays import stable_id, vectors_to_arrow
-    from pipeline.artifacts import write_parquet
-
     xb = np.load(vectors, mmap_mode="r")
     tag = f"{vectors.stem}-{file_digest(vectors)}"
     if query_vectors is not None:
@@ -186,10 +187,7 @@ def ensure_data_from(root: Path, vectors: Path, query_vectors: Path | None, shar
         rows = gallery_rows[bounds[shard]:bounds[shard + 1]]
         x = np.ascontiguousarray(xb[rows], dtype=np.float32)
         check_unit_rows(x, vectors)
-        ids = [stable_id(f"real-{row}") for row in rows]
-        table = pa.table({"image_id": pa.array(ids, pa.int64()), "embedding": vectors_to_arrow(x)})
-        write_parquet(table, data / "parquet" / f"shard-{shard:05d}.parquet")
-        np.save(data / "npy" / f"emb-{shard:05d}.npy", x)
+        write_shard(data, shard, [f"real-{row}" for row in rows], x)
     np.save(data / "queries.npy", queries)
     meta_path.write_text(json.dumps({
         "n": len(gallery_rows), "d": xb.shape[1], "shards": shards, "queries": n_queries,
