@@ -23,17 +23,19 @@ Per budget in `--budgets-mb` (default 4096, 1024, 256 = `index.max_memory_mb`):
 - ours, in a fresh subprocess, exactly what the index stage runs: `plan_index(n, d, "auto",
   budget, add_rows=shard rows)`, `build_index(...)`, then `tune_search` with the shipped sweep
   to 10-recall@10 >= `--target-recall` (0.95, the shipped `index.target_recall`) on 1,000
-  gallery vectors (own id left out), over `--ef-search` (the shipped sweep). It reports build time,
-  peak RSS after the build (VmHWM, not `ru_maxrss`, which Linux carries over from
-  the parent process; and the RSS before planning), index bytes, the tuned
-  setting. Back here: 1-recall@1, 10-recall@10 and queries/s at the tuned setting on the
-  held-out `--queries` (not in the gallery) against exact brute force over the float store.
-  With `--reuse-builds`, a build tuned to another target or sweep is re-tuned (in a child, no
+  gallery vectors (own id left out), over `--ef-search` (the shipped sweep). It reports build
+  time, peak RSS after the build (VmHWM, not `ru_maxrss`, which Linux carries over from the
+  parent process; and the RSS before planning), the sampled peak of anonymous RSS through the
+  build and the tuning (benchmarks/rss.py: what "within budget" is judged on), index bytes,
+  the tuned setting. Back here: 1-recall@1, 10-recall@10 and queries/s at the tuned setting
+  on the held-out `--queries` (not in the gallery) against exact brute force over the float
+  store. With `--reuse-builds`, a build tuned to another target or sweep is re-tuned (in a child, no
   rebuild) and the result kept beside it (`bench-tune-*.json`).
 - autofaiss with the same budget (`current_memory_available` = the budget, its index budget
   90% of it, the most it accepts), in its own environment (`benchmarks/autofaiss_build.py`, see
   benchmarks/README.md); its index is loaded here and measured on the same queries at its own
-  tuned setting (and a small grid, for reference).
+  tuned setting (and a small grid, for reference). With `--match-autofaiss`, ours' build is
+  then re-tuned (no rebuild) to the 10-recall@10 autofaiss reached and measured again.
 One table at the end: build time, build peak RSS, index bytes, 10-recall@10 and queries/s per
 budget for both, the ratios ours / autofaiss and whether each target is met.
 """
