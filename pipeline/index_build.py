@@ -6,7 +6,7 @@ The I/O side of the index stage (docs/method.md 5); `pipeline.index` holds the a
     plan = plan_index(sum(s.rows for s in shards), d, "auto", budget)
     build = build_index(shards, plan, work_dir, seed=0)        # resumes from work_dir
     store = VectorStore.open(build.vectors_path)               # exact vectors, by id
-    rows = check_recall(build.index, store, n_queries=1000, nprobes=(8, 32), rerank_k=100)
+    rows, params = tune_search(build.index, store, 1000, 0, (8, 32), (), 100, 0.95)
 
 `build_index` trains the empty index once on a seeded sample of all rows (saved as
 `trained.faiss`), then adds the shards in order with their int64 ids. Every `checkpoint_s`
@@ -38,19 +38,14 @@ from pipeline.artifacts import atomic_path
 from pipeline.index import (
     IndexPlan,
     add_shard,
-    is_ivf,
-    knn_recall,
     load_index,
     maybe_to_gpu,
-    rerank,
     reserve_storage,
     sample_ids,
     save_index,
-    search,
     train_index,
 )
 from pipeline.index_plan import CHECK_BLOCK_ROWS
-from pipeline.index_tune import RecallRow
 
 log = logging.getLogger(__name__)
 
@@ -371,44 +366,3 @@ def held_out_queries(store: VectorStore, n_queries: int,
     xq = store.lookup(query_ids)
     _, I_exact = exact_search(store, xq, min(11, store.n))
     return query_ids, xq, _drop_self(I_exact, query_ids, 10)
-
-
-def check_recall(
-    index: faiss.Index,
-    store: VectorStore,
-    n_queries: int,
-    seed: int,
-    nprobes: Sequence[int],
-    rerank_k: int,
-) -> list[RecallRow]:
-    """1-recall@1 and 10-recall@10 against exact search, at each nprobe, without/with rerank.
-
-    Queries are a seeded sample of stored gallery vectors; each one's own id is left out of
-    both the exact and the approximate lists, so the check measures finding *other*
-    neighbours (a vector finding itself would flatter the index).
-    """
-    n_queries = min(n_queries, store.n)
-    if n_queries == 0:
-        return []
-    query_ids, xq, I_exact = held_out_queries(store, n_queries, seed)
-    k_short = min(max(rerank_k, 11), store.n)
-    ivf = is_ivf(index)
-    rows = []
-    for nprobe in (nprobes if ivf else nprobes[:1]):
-        started = time.perf_counter()
-        _, I_plain = search(index, xq, min(11, store.n), nprobe)
-        seconds = time.perf_counter() - started
-        plain = _drop_self(I_plain, query_ids, 10)
-        rows.append(RecallRow(nprobe if ivf else 0, 0, knn_recall(plain, I_exact, 1, 1),
-                              knn_recall(plain, I_exact, 10, 10), n_queries / seconds,
-                              n_queries))
-        started = time.perf_counter()
-        _, I_short = search(index, xq, k_short, nprobe)
-        _, I_re = rerank(xq, I_short, store.lookup, min(11, store.n))
-        seconds = time.perf_counter() - started
-        reranked = _drop_self(I_re, query_ids, 10)
-        rows.append(RecallRow(nprobe if ivf else 0, k_short,
-                              knn_recall(reranked, I_exact, 1, 1),
-                              knn_recall(reranked, I_exact, 10, 10), n_queries / seconds,
-                              n_queries))
-    return rows

@@ -30,7 +30,6 @@ from pipeline.index_build import (
     Shard,
     VectorStore,
     build_index,
-    check_recall,
     exact_search,
 )
 from pipeline.index_tune import (
@@ -241,18 +240,19 @@ def test_killed_after_the_final_renames_still_finishes(tmp_path, shards) -> None
     np.testing.assert_array_equal(np.load(resumed.vectors_path), x)
 
 
-def test_check_recall_flat_is_exact_and_ivfpq_reranks_better(tmp_path, shards) -> None:
+def test_check_flat_is_exact_and_ivfpq_reranks_better(tmp_path, shards) -> None:
     flat = build_index(shards, plan_index(3000, D, "Flat"), tmp_path / "flat", seed=0)
     store = VectorStore.open(flat.vectors_path)
-    rows = check_recall(flat.index, store, 200, seed=0, nprobes=(1, 4), rerank_k=20)
-    assert [(r.nprobe, r.rerank_k) for r in rows] == [(0, 0), (0, 20)]  # no lists to probe
+    rows, _ = tune_search(flat.index, store, 200, 0, (1, 4), (), 20, 0.95)
+    # no lists to probe, and exact scores: nothing to re-rank
+    assert [(r.nprobe, r.rerank_k) for r in rows] == [(0, 0)]
     assert all(r.recall_1_at_1 == 1.0 and r.recall_10_at_10 == 1.0 for r in rows)
 
     pq_build = build_index(shards, plan_index(3000, D, "IVF16,PQ8x4"), tmp_path / "pq", seed=0)
     store = VectorStore.open(pq_build.vectors_path)
-    rows = check_recall(pq_build.index, store, 200, seed=0, nprobes=(1, 16), rerank_k=50)
+    rows, _ = tune_search(pq_build.index, store, 200, 0, (1, 16), (), 50, 0.95, 16)
     by = {(r.nprobe, r.rerank_k): r for r in rows}
-    assert set(by) == {(1, 0), (1, 50), (16, 0), (16, 50)}
+    assert set(by) == {(p, k) for p in (1, 16) for k in (0, 12, 25, 50)}
     # 4-byte codes rank poorly (~0.5); exact re-ranking of the top 50 fixes most of it (~0.96).
     assert by[16, 0].recall_10_at_10 < 0.7
     assert by[16, 50].recall_10_at_10 >= 0.9
@@ -266,14 +266,15 @@ def test_gpu_build_checks_recall_at_every_nprobe(tmp_path, shards) -> None:
     # faiss's GPU IVF classes are not CPU IndexIVF subclasses: nprobe must still be swept.
     gpu = build_index(shards, plan_index(3000, D, "IVF16,PQ8"), tmp_path / "gpu", seed=0,
                       use_gpu=True)
-    rows = check_recall(gpu.index, VectorStore.open(gpu.vectors_path), 200, seed=0,
-                        nprobes=(1, 16), rerank_k=50)
-    assert [(r.nprobe, r.rerank_k) for r in rows] == [(1, 0), (1, 50), (16, 0), (16, 50)]
+    rows, _ = tune_search(gpu.index, VectorStore.open(gpu.vectors_path), 200, 0, (1, 16), (), 50,
+                          0.95, 16, family="ivf-pq")
+    assert [(r.nprobe, r.rerank_k) for r in rows] == [
+        (p, k) for p in (1, 16) for k in (0, 12, 25, 50)]
     by = {(r.nprobe, r.rerank_k): r for r in rows}
     assert by[16, 50].recall_10_at_10 >= 0.9 > by[1, 0].recall_10_at_10
 
 
-def test_check_recall_leaves_the_query_out(tmp_path) -> None:
+def test_check_leaves_the_query_out(tmp_path) -> None:
     """Duplicated vectors: the self-match must not count, its twin must."""
     x = _unit(np.random.default_rng(0).normal(size=(50, D)))
     x = np.concatenate([x, x])
@@ -285,7 +286,7 @@ def test_check_recall_leaves_the_query_out(tmp_path) -> None:
     store = VectorStore.open(build.vectors_path)
     _, I = exact_search(store, x[:3], 2)
     assert set(I[0]) == {0, 50}
-    (row, _) = check_recall(build.index, store, 100, seed=0, nprobes=(1,), rerank_k=10)
+    ([row], _) = tune_search(build.index, store, 100, 0, (1,), (), 10, 0.95)
     assert row.recall_1_at_1 == 1.0
 
 
