@@ -63,7 +63,8 @@ def dense_scores(qs: QuerySet, ids: np.ndarray, labels: np.ndarray, vectors: np.
     labels, vectors), in one pass over chunks of queries."""
     column = {int(i): c for c, i in enumerate(ids.tolist())}
     own = np.array([column[int(t)] for t in qs.targets])
-    # Classes as integer codes: comparing (queries x gallery) arrays of strings is ~45x slower.
+    # Classes as integer codes: a (queries x gallery) compare of strings is 15-150x slower
+    # (str / object arrays; measured at 400 x 20,000).
     names, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
     where = np.minimum(np.searchsorted(names, qs.labels), len(names) - 1)
     query_codes = np.where(names[where] == qs.labels, where, -1)  # -1: no such gallery class

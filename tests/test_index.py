@@ -206,19 +206,13 @@ def test_add_shard_in_chunks_matches_one_call_and_bounds_the_pq_table() -> None:
     for ivf in (whole, chunked):
         faiss.extract_index_ivf(ivf).nprobe = 16
     assert np.array_equal(whole.search(xb[:50], 10)[1], chunked.search(xb[:50], 10)[1])
-    status = "/proc/self/status"
     try:
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to now
     except OSError:
         pytest.skip("needs Linux /proc/self/clear_refs to measure the peak RSS")
-
-    def kib(field: str) -> int:
-        line = next(x for x in open(status) if x.startswith(field + ":"))
-        return int(line.split()[1])
-
-    before = kib("VmRSS")
+    before = _status_kib("VmRSS")
     add_shard(chunked, ids[2000:], xb[2000:])  # 8,000 rows: 262 MB of table in one call
-    assert (kib("VmHWM") - before) << 10 < 64 * MIB
+    assert (_status_kib("VmHWM") - before) << 10 < 64 * MIB
 
 
 def test_auto_plan_gets_more_accurate_with_budget() -> None:
