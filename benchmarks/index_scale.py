@@ -269,13 +269,17 @@ def child_tune(out: Path, nlist: int, target: float, ef_searches: list[int]) -> 
     print(json.dumps(tune(index, store, nlist, target, ef_searches)))
 
 
+def tune_key(target: float, ef_searches, family: str) -> dict:  # noqa: ANN001
+    """What a tuning depends on: the target, and the efSearch sweep for HNSW plans only."""
+    return {"target": target, "ef_search": sorted(set(ef_searches)) if family == "hnsw" else None}
+
+
 def tune_key_of(result: dict) -> dict:
-    """What a build's tuning was run with (builds from before `tune_key`: read off its rows);
-    the efSearch sweep counts for HNSW plans only."""
+    """What a build's tuning was run with (builds from before `tune_key`: read off its rows)."""
     key = result.get("tune_key") or {
         "target": result["params"]["target_recall"],
-        "ef_search": sorted({r["ef_search"] for r in result["tune_rows"]})}
-    return {**key, "ef_search": key["ef_search"] if result["plan"]["family"] == "hnsw" else None}
+        "ef_search": [r["ef_search"] for r in result["tune_rows"]]}
+    return tune_key(key["target"], key["ef_search"] or (), result["plan"]["family"])
 
 
 def run_json(command: list[str], log_path: Path) -> dict:
@@ -296,13 +300,13 @@ def build_ours(root: Path, data: Path, budget: int, args) -> tuple[dict, Path]: 
     if args.reuse_builds and result_path.is_file():
         print(f"ours: reusing the build in {out} (its numbers are from its build)")
         result = json.loads(result_path.read_text())
-        key = {"target": args.target_recall, "ef_search": sorted(args.ef_search)
-               if result["plan"]["family"] == "hnsw" else None}
-        if tune_key_of(result) != key:  # re-tune the same build: no rebuild
+        key, was = tune_key(args.target_recall, args.ef_search, result["plan"]["family"]), \
+            tune_key_of(result)
+        if was != key:  # re-tune the same build: no rebuild
             tune_path = out / (f"bench-tune-t{args.target_recall}-ef"
                                f"{'-'.join(map(str, key['ef_search'] or [0]))}.json")
             if not tune_path.is_file():
-                print(f"ours: re-tuning it to {key} (was {tune_key_of(result)})")
+                print(f"ours: re-tuning it to {key} (was {was})")
                 tuned = run_json([sys.executable, __file__, "--child-tune", str(out),
                                   str(result["plan"]["nlist"]), "--work-dir", str(root),
                                   *tuning], out / "bench-tune.log")
