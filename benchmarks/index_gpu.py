@@ -36,7 +36,7 @@ BUDGET = 1 << 40  # a given factory is costed, never refused: the budget only an
 
 
 def child(device: str, data: Path, out: Path, factory: str, nprobes: list[int],
-          batch: int) -> None:
+          batch: int, n_queries: int) -> None:
     """In a fresh process: build on `device`, search the queries at each nprobe; one JSON line."""
     import faiss
 
@@ -50,7 +50,7 @@ def child(device: str, data: Path, out: Path, factory: str, nprobes: list[int],
     index = load_index(build.index_path, expect_d=d, expect_ntotal=n)
     if device == "gpu":
         index = maybe_to_gpu(index, k=10, nprobe=max(nprobes))
-    xq = np.load(data / "queries.npy")
+    xq = np.load(data / "queries.npy")[:n_queries]  # a reused data folder may hold more
     searches = []
     for nprobe in nprobes:
         parts = [search(index, xq[s:s + batch], 10, nprobe)[1] for s in range(0, len(xq), batch)]
@@ -81,7 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         device, data, out = args.child
-        child(device, Path(data), Path(out), args.factory, args.nprobe, args.batch)
+        child(device, Path(data), Path(out), args.factory, args.nprobe, args.batch,
+              args.queries)
         return
 
     import faiss
@@ -102,7 +103,7 @@ def main() -> None:
             stale.unlink()
         results[device] = (run_json([sys.executable, __file__, "--child", device, str(data),
                                      str(out), "--work-dir", str(root), "--factory",
-                                     args.factory, "--batch",
+                                     args.factory, "--queries", str(args.queries), "--batch",
                                      str(args.batch), "--nprobe", *map(str, args.nprobe)],
                                     root / f"build-{device}.log"), out)
     store = VectorStore.open(next(iter(results.values()))[1] / "vectors.npy")

@@ -43,3 +43,11 @@ def test_gpu_and_cpu_side_by_side(tmp_path: Path) -> None:
     gpu_rows = [line.split() for line in done.stdout.splitlines() if line.startswith("gpu ")]
     assert gpu_rows and all(row[1] == "True" for row in gpu_rows)
     assert "GPU / CPU speed-up" in done.stdout
+
+
+def test_a_reused_data_folder_with_more_queries_searches_the_asked_number(tmp_path: Path) -> None:
+    common = [sys.executable, str(SCRIPT), *TINY, "--devices", "cpu", "--work-dir", str(tmp_path)]
+    subprocess.run([*common, "--queries", "300"], capture_output=True, check=True)
+    done = subprocess.run([*common, "--queries", "100"], capture_output=True, text=True,
+                          check=True)
+    assert "data: reusing" in done.stdout and "100 queries in batches" in done.stdout
