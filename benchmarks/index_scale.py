@@ -142,17 +142,6 @@ def split_vectors(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.nda
     return np.flatnonzero(~is_query), np.flatnonzero(is_query)
 
 
-def file_digest(path: Path) -> str:
-    """First 12 hex digits of the file's SHA-1: a data folder per distinct input file."""
-    import hashlib
-
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
 def check_unit_rows(x: np.ndarray, path: Path) -> None:
     """Ours and autofaiss search by inner product: the vectors must be L2-normalised."""
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
@@ -163,11 +152,14 @@ def check_unit_rows(x: np.ndarray, path: Path) -> None:
 
 def ensure_data_from(root: Path, vectors: Path, query_vectors: Path | None, shards: int,
                      n_queries: int, seed: int) -> Path:
-    """Gallery shards and queries from given vectors (`--vectors`, `--query-vectors`)."""
+    """Gallery shards and queries from given vectors (`--vectors`, `--query-vectors`), in a
+    data folder per distinct input file (named by its digest)."""
+    from pipeline.artifacts import sha256_file
+
     xb = np.load(vectors, mmap_mode="r")
-    tag = f"{vectors.stem}-{file_digest(vectors)}"
+    tag = f"{vectors.stem}-{sha256_file(vectors)[:12]}"
     if query_vectors is not None:
-        tag += f"-q{file_digest(query_vectors)}"
+        tag += f"-q{sha256_file(query_vectors)[:12]}"
     data = root / f"data-{tag}-s{shards}-q{n_queries}-seed{seed}"
     meta_path = data / "meta.json"  # written last: its existence means the data is complete
     if meta_path.is_file():
@@ -444,14 +436,13 @@ def ours_at_budget(root: Path, data: Path, args, budget_mb: int, xq: np.ndarray,
     ours, ours_dir = build_ours(root, data, budget, args)
     plan, params = ours["plan"], ours["params"]
     peak = ours["peak_rss_kib"] << 10
+    added = peak - (ours["rss_after_imports_kib"] << 10)
     print(f"\n== budget {budget_mb} MiB ==\nours: plan {plan['factory']} -- {plan['reason']}")
     print(f"ours: build {ours['seconds']:.1f}s (train {ours['train_s']:.1f}s, add "
           f"{ours['add_s']:.1f}s), peak RSS {gib(peak)} (before planning "
-          f"{gib(ours['rss_after_imports_kib'] << 10)}, so the build added "
-          f"{gib(peak - (ours['rss_after_imports_kib'] << 10))} against an estimate of "
-          f"{gib(plan['build_bytes'])}; budget {gib(budget)}: "
-          f"{'within' if peak - (ours['rss_after_imports_kib'] << 10) <= budget else 'OVER'}), "
-          f"index "
+          f"{gib(ours['rss_after_imports_kib'] << 10)}, so the build added {gib(added)} "
+          f"against an estimate of {gib(plan['build_bytes'])}; budget {gib(budget)}: "
+          f"{'within' if added <= budget else 'OVER'}), index "
           f"{gib(ours['sizes']['index.faiss'])} (estimate {gib(plan['estimated_bytes'])})")
     anon = anon_added(ours)
     if anon is not None:
@@ -490,7 +481,7 @@ def ours_at_budget(root: Path, data: Path, args, budget_mb: int, xq: np.ndarray,
             "setting": f"nprobe={params['nprobe']},ef={params['ef_search']},"
                        f"rerank={params['rerank_k']},target={params['target_recall']}",
             "build_s": ours["seconds"], "peak": peak, "index_bytes": ours["sizes"]["index.faiss"],
-            "added": peak - (ours["rss_after_imports_kib"] << 10), "anon": anon,
+            "added": added, "anon": anon,
             "r10": r10, "qps": qps}
 
 
@@ -551,8 +542,7 @@ def ground_truth(root: Path, data: Path, args, xq: np.ndarray):  # noqa: ANN001,
     floats, at least 4 GiB), for when ours refused the budgets asked and wrote no store."""
     from pipeline.index_build import VectorStore, exact_search
 
-    meta = json.loads((data / "meta.json").read_text())
-    ample = max(4 << 30, 16 * meta["n"] * meta["d"] * 4)
+    ample = max(4 << 30, 16 * args.n * args.d * 4)  # main set n, d from the data's meta.json
     print(f"ground truth: ours refused; building ours at {ample >> 20} MiB for its float store")
     _, out = build_ours(root, data, ample, args)
     store = VectorStore.open(out / "vectors.npy")

@@ -68,6 +68,7 @@ def dense_scores(qs: QuerySet, ids: np.ndarray, labels: np.ndarray, vectors: np.
     names, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
     where = np.minimum(np.searchsorted(names, qs.labels), len(names) - 1)
     query_codes = np.where(names[where] == qs.labels, where, -1)  # -1: no such gallery class
+    query_counts = np.where(query_codes >= 0, counts[where], 0)  # photos of the query's class
     m = len(ids)
     ranks = np.empty(len(own), dtype=np.int64)
     class_ranks = np.empty(len(own), dtype=np.int64)
@@ -87,7 +88,7 @@ def dense_scores(qs: QuerySet, ids: np.ndarray, labels: np.ndarray, vectors: np.
             continue
         I = np.argsort(-S, axis=1, kind="stable")
         relevant = codes[I] == part_codes
-        num_relevant = np.where(part_codes[:, 0] >= 0, counts[np.maximum(part_codes[:, 0], 0)], 0)
+        num_relevant = query_counts[start:start + len(S)]
         for k in map_ks:
             per_query[f"map@{k}"][start:start + len(S)] = average_precision_at_k(
                 relevant, num_relevant, k or m)
