@@ -270,13 +270,7 @@ class Catalog:
         return current, with_failures
 
     def units(self, stage: str, fingerprint: str) -> list[UnitRow]:
-        rows = self.rows(
-            "SELECT stage, unit_key, fingerprint, status, params_json, host, pid, attempts "
-            "FROM units WHERE stage = ? AND fingerprint = ? ORDER BY unit_key",
-            [stage, fingerprint],
-        )
-        return [UnitRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
-                for r in rows]
+        return self.units_of([(stage, fingerprint)]).get(stage, [])
 
     def units_of(self, plans: Sequence[tuple[str, str]]) -> dict[str, list[UnitRow]]:
         """units() of several (stage, fingerprint) plans, by stage, from one query."""
@@ -461,18 +455,21 @@ class Catalog:
         """
         # In a `held` block its (read-write) connection, the temporary views dropped after, as
         # they would shadow `stages` for the rest of the block; else a read-only connection.
+        queries = [sql] if isinstance(sql, str) else list(sql)
+        named = [spec for spec in specs if any(
+            re.search(rf"\b{re.escape(spec.name)}\b", q, re.IGNORECASE) for q in queries)]
         with self.connect(read_only=True) as con:
-            made = ["stages"]
             try:
-                return self._query_plans(con, sql, plans, specs, arrow, made)
+                results = self._query_plans(con, queries, plans, named, arrow)
             finally:
                 if self._held_slot() is not None:
-                    for name in made:
+                    for name in ["stages", *(spec.name for spec in named)]:
                         con.execute(f"DROP VIEW IF EXISTS temp.main.{name}")
+        return results[0] if isinstance(sql, str) else results
 
-    def _query_plans(self, con: duckdb.DuckDBPyConnection, sql: str | Sequence[str],
-                     plans: Sequence[PlanRow], specs: Sequence[ViewSpec], arrow: bool,
-                     made: list[str]) -> Any:
+    def _query_plans(self, con: duckdb.DuckDBPyConnection, queries: list[str],
+                     plans: Sequence[PlanRow], named: Sequence[ViewSpec],
+                     arrow: bool) -> list[Any]:
         rows = ", ".join("(" + ", ".join(
             str(int(v)) if isinstance(v, int) else _sql_string(v) if v is not None
             else "NULL::INTEGER" if f.name == "position" else "NULL::VARCHAR"
@@ -487,12 +484,8 @@ class Catalog:
             f"LEFT JOIN {db}.main.stages s USING (stage, fingerprint) WHERE EXISTS (SELECT 1 "
             f"FROM {db}.main.units u WHERE u.stage = p.stage AND u.fingerprint = p.fingerprint)"
         )
-        queries = [sql] if isinstance(sql, str) else list(sql)
-        named = [spec for spec in specs if any(
-            re.search(rf"\b{re.escape(spec.name)}\b", q, re.IGNORECASE) for q in queries)]
         for spec, body in zip(named, _view_bodies(con, named)):
             con.execute(f"CREATE TEMP VIEW {spec.name} AS {body}")
-            made.append(spec.name)
         results = []
         for query in queries:
             relation = con.sql(query)
@@ -500,7 +493,7 @@ class Catalog:
                 raise duckdb.InvalidInputException(f"not a query (it returns no rows): {query}")
             results.append(_to_arrow(relation) if arrow
                            else (relation.columns, relation.fetchall()))
-        return results[0] if isinstance(sql, str) else results
+        return results
 
 
 def _view_bodies(con: duckdb.DuckDBPyConnection, specs: Sequence[ViewSpec]) -> list[str]:

@@ -178,17 +178,6 @@ def _status(catalog: Catalog, stages: list, expected: dict[str, str],
     if any(new.values()):  # records just ingested changed some states
         units = _units_by_plan(catalog)
         known = _current_units(units, expected)
-    counts = []  # (stage, fingerprint, status, units, rows, seconds)
-    for (name, fp), rows in units.items():
-        by_state: dict[str, list] = {}
-        for _, state, n, seconds in rows:
-            total = by_state.setdefault(state, [0, 0, 0.0])
-            total[0] += 1
-            total[1] += n or 0
-            total[2] += seconds or 0.0
-        counts += [(name, fp, state, *total) for state, total in by_state.items()]
-    not_done = [(name, key, state) for name, plan in known.items()
-                for key, state in plan.items() if state != "done"]
     # A plan with no units (train when no configured method trains) is only in `stages`.
     current, with_failures = catalog.plan_marks()
     result = []
@@ -196,22 +185,24 @@ def _status(catalog: Catalog, stages: list, expected: dict[str, str],
         st = StageStatus(stage.name, expected[stage.name],
                          current.get(stage.name) == expected[stage.name],
                          notes=stage.notes(config), ingested=new.get(stage.name, 0))
-        for name, fp, state, n, rows, seconds in counts:
+        for (name, fp), rows in units.items():
             if name != stage.name:
                 continue
             if fp != st.fingerprint:
-                st.stale += n
+                st.stale += len(rows)
                 continue
-            st.planned = True
-            setattr(st, state, getattr(st, state) + n)
-            st.rows += rows
-            st.seconds += seconds
+            for _, state, n, seconds in rows:
+                st.planned = True
+                setattr(st, state, getattr(st, state) + 1)
+                st.rows += n or 0
+                st.seconds += seconds or 0.0
         if st.planned and st.done and (stage.name, st.fingerprint) in with_failures and (
                 excess := too_many_failures(catalog, stage.name, st.fingerprint,
                                             config.data.max_failure_ratio)):
             st.note(f"{failure_summary(*excess, config.data.max_failure_ratio)}: stages "
                     "after it do not run (see failures_by_reason)")
-        states = {key: state for name, key, state in not_done if name == stage.name}
+        states = {key: state for key, state in known.get(stage.name, {}).items()
+                  if state != "done"}
         leases = read_leases(config.work_dir / stage.name / st.fingerprint) if states else {}
         for key in sorted(set(states) & set(leases)):
             lease = leases[key]

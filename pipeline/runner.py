@@ -152,16 +152,15 @@ class Runner:
             resolve_device(self.config.run.device)
         for stage in todo:
             stage.check(self.config)
+        self.catalog.init()
         if plan_only:
             reports = []
-            self.catalog.init()
             for stage in order:
                 self._require_upstream_done(stage)
                 planned = self.plan(stage)
                 reports.append(StageReport(stage.name, self.fingerprints[stage.name],
                                            units=len(planned)))
             return reports
-        self.catalog.init()
         if not todo and (reports := self._all_done(order, units)) is not None:
             return reports  # nothing to run: no executor, no progress display
         if self.executor is None:
@@ -276,12 +275,12 @@ class Runner:
         work_dir, lease_s = self.config.work_dir, self.config.run.lease_s
         if note := stage.notes(self.config):
             log.warning("%s: %s", stage.name, note)
-        with self.catalog.held():  # one connection for the bookkeeping, none while units run
-            switched = self.catalog.current_fingerprint(stage.name) != fp
-            units = self.plan(stage)
-            leases = self._tidy(stage)
-            ingested = ingest_records(self.catalog, stage.name, fp, work_dir)
-            status = {u.key: u for u in self.catalog.units(stage.name, fp)}
+        # The bookkeeping uses run()'s held connection; it is released while units run.
+        switched = self.catalog.current_fingerprint(stage.name) != fp
+        units = self.plan(stage)
+        leases = self._tidy(stage)
+        ingested = ingest_records(self.catalog, stage.name, fp, work_dir)
+        status = {u.key: u for u in self.catalog.units(stage.name, fp)}
         report = StageReport(stage.name, fp, units=len(units))
         todo = [u for u in units if status[u.key].status != "done"]
         busy = {u.key: leases[u.key] for u in todo
@@ -300,16 +299,15 @@ class Runner:
             ingest_records(self.catalog, stage.name, fp, work_dir)
             self._refresh_views(stage, quiet=True)
             raise
-        with self.catalog.held():
-            if switched or ingested or report.ran:  # else its views show these files already
-                self._refresh_views(stage)
-            if report.busy:
-                raise PipelineError(
-                    f"stage {stage.name}: {len(report.busy)} unit(s) are being run by other "
-                    f"processes: {', '.join(report.busy[:3])}; run again when they finish"
-                )
-            if self._complete(stage):
-                self._check_failures(stage.name, fp)
+        if switched or ingested or report.ran:  # else its views show these files already
+            self._refresh_views(stage)
+        if report.busy:
+            raise PipelineError(
+                f"stage {stage.name}: {len(report.busy)} unit(s) are being run by other "
+                f"processes: {', '.join(report.busy[:3])}; run again when they finish"
+            )
+        if self._complete(stage):
+            self._check_failures(stage.name, fp)
         return report
 
     def _dispatch(self, stage: Stage, todo: list[UnitRow], attempts: dict[str, int],

@@ -59,7 +59,7 @@ def render(columns: Sequence[str], rows: Sequence[Sequence[Cell]], title: str | 
 
     out = []
     table_width = sum(widths) + 3 * len(widths) + 1
-    for part in textwrap.wrap(title or "", table_width) if title else []:
+    for part in textwrap.wrap(title, table_width) if title else []:
         left = (table_width - len(part)) // 2
         out.append(" " * left + paint(part, "italic", color) + " " * (table_width - left -
                                                                       len(part)))
